@@ -1,0 +1,185 @@
+//! Phi-accrual failure detection (Hayashibara et al.), with the exponential model that
+//! node-gossip and Cassandra use: `phi = log10(e) * t / mean`, where `t` is the time since the
+//! last heartbeat increase and `mean` the mean of the recent intervals between increases.
+//!
+//! Invariants: the window never holds more than `window_size` intervals and is updated in O(1);
+//! no interval above `max_interval` enters it, so one long outage cannot make later detection
+//! slow; and a peer with no interval yet uses `bootstrap_interval`, so a peer that is never heard
+//! from again is still convicted in bounded time.
+
+use std::time::Duration;
+use tokio::time::Instant;
+
+const LOG10_E: f64 = 0.434_294_481_903_251_8;
+
+#[derive(Clone, Debug)]
+pub struct DetectorConfig {
+    pub window_size: usize,
+    pub max_interval: Duration,
+    /// The mean assumed before any interval was seen: the gossip interval.
+    pub bootstrap_interval: Duration,
+}
+
+impl DetectorConfig {
+    /// The window of node-gossip and Cassandra, starting from the gossip interval.
+    pub fn for_interval(gossip_interval: Duration, max_interval: Duration) -> Self {
+        DetectorConfig { window_size: 1000, max_interval, bootstrap_interval: gossip_interval }
+    }
+}
+
+/// One peer's heartbeat history. Intervals are kept as whole milliseconds in a `u16`, two bytes
+/// each, because one process may track a million (node, peer) pairs.
+#[derive(Clone, Debug, Default)]
+pub struct PhiDetector {
+    intervals_ms: Vec<u16>,
+    /// Where the next interval goes once the window is full.
+    next_slot: usize,
+    sum_ms: u64,
+    last_heartbeat: Option<Instant>,
+}
+
+impl PhiDetector {
+    pub fn heartbeat(&mut self, now: Instant, config: &DetectorConfig) {
+        if let Some(last) = self.last_heartbeat {
+            let capped = now.saturating_duration_since(last).min(config.max_interval);
+            let interval = capped.as_millis().min(u16::MAX as u128) as u16;
+            if self.intervals_ms.len() < config.window_size {
+                self.intervals_ms.push(interval);
+            } else {
+                let slot = &mut self.intervals_ms[self.next_slot];
+                self.sum_ms -= *slot as u64;
+                *slot = interval;
+                self.next_slot = (self.next_slot + 1) % config.window_size;
+            }
+            self.sum_ms += interval as u64;
+        }
+        self.last_heartbeat = Some(now.max(self.last_heartbeat.unwrap_or(now)));
+    }
+
+    /// Suspicion that the peer is down; 0 right after a heartbeat, growing linearly with silence.
+    pub fn phi(&self, now: Instant, config: &DetectorConfig) -> f64 {
+        let Some(last) = self.last_heartbeat else { return 0.0 };
+        let mean_ms = if self.intervals_ms.is_empty() {
+            config.bootstrap_interval.as_secs_f64() * 1000.0
+        } else {
+            self.sum_ms as f64 / self.intervals_ms.len() as f64
+        };
+        let silence_ms = now.saturating_duration_since(last).as_secs_f64() * 1000.0;
+        LOG10_E * silence_ms / mean_ms.max(1.0)
+    }
+
+    /// Forgets all history; the next heartbeat starts a fresh window. Used after a conviction so
+    /// that the outage does not distort detection once the peer is back.
+    pub fn reset(&mut self) {
+        *self = PhiDetector::default();
+    }
+
+    /// Does not count `stall` against the peer: our own process was frozen, not the peer.
+    pub fn forgive(&mut self, stall: Duration) {
+        if let Some(last) = self.last_heartbeat.as_mut() {
+            *last += stall;
+        }
+    }
+
+    pub fn window_len(&self) -> usize {
+        self.intervals_ms.len()
+    }
+
+    pub fn mean_interval(&self) -> Option<Duration> {
+        (!self.intervals_ms.is_empty())
+            .then(|| Duration::from_micros(self.sum_ms * 1000 / self.intervals_ms.len() as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> DetectorConfig {
+        DetectorConfig {
+            window_size: 1000,
+            max_interval: Duration::from_secs(10),
+            bootstrap_interval: Duration::from_secs(1),
+        }
+    }
+
+    fn beat_every(detector: &mut PhiDetector, start: Instant, count: u32, every: Duration) -> Instant {
+        let mut now = start;
+        for _ in 0..count {
+            now += every;
+            detector.heartbeat(now, &config());
+        }
+        now
+    }
+
+    #[test]
+    fn phi_after_steady_one_second_heartbeats() {
+        let mut detector = PhiDetector::default();
+        let last = beat_every(&mut detector, Instant::now(), 100, Duration::from_secs(1));
+        let phi_1s = detector.phi(last + Duration::from_secs(1), &config());
+        let phi_10s = detector.phi(last + Duration::from_secs(10), &config());
+        assert!(phi_1s < 0.5, "phi one second later: {phi_1s}");
+        assert!(phi_10s > 4.0, "phi ten seconds later: {phi_10s}");
+        assert!((phi_1s - LOG10_E).abs() < 1e-9);
+        // The default threshold of 8 is crossed after about 18.4 silent mean intervals.
+        assert!(detector.phi(last + Duration::from_millis(18_300), &config()) < 8.0);
+        assert!(detector.phi(last + Duration::from_millis(18_500), &config()) > 8.0);
+    }
+
+    #[test]
+    fn window_holds_at_most_window_size_intervals() {
+        let mut detector = PhiDetector::default();
+        let start = Instant::now();
+        let now = beat_every(&mut detector, start, 1000, Duration::from_secs(3));
+        assert_eq!(detector.window_len(), 999);
+        let now = beat_every(&mut detector, now, 1500, Duration::from_secs(1));
+        assert_eq!(detector.window_len(), 1000);
+        // Every 3 s interval has slid out: the mean is exactly the recent 1 s.
+        assert_eq!(detector.mean_interval(), Some(Duration::from_secs(1)));
+        beat_every(&mut detector, now, 500, Duration::from_secs(2));
+        assert_eq!(detector.mean_interval(), Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn long_gaps_are_capped() {
+        let mut detector = PhiDetector::default();
+        let now = beat_every(&mut detector, Instant::now(), 1, Duration::from_secs(1));
+        let now = beat_every(&mut detector, now, 1, Duration::from_secs(3600));
+        assert_eq!(detector.mean_interval(), Some(Duration::from_secs(10)));
+        let now = beat_every(&mut detector, now, 9, Duration::from_secs(1));
+        assert_eq!(detector.mean_interval(), Some(Duration::from_millis(1900)));
+        assert!(detector.phi(now + Duration::from_secs(40), &config()) > 8.0);
+    }
+
+    #[test]
+    fn reset_clears_history() {
+        let mut detector = PhiDetector::default();
+        let now = beat_every(&mut detector, Instant::now(), 50, Duration::from_secs(5));
+        detector.reset();
+        assert_eq!(detector.window_len(), 0);
+        assert_eq!(detector.mean_interval(), None);
+        assert_eq!(detector.phi(now + Duration::from_secs(100), &config()), 0.0);
+        detector.heartbeat(now, &config());
+        // Back to the bootstrap mean of one second.
+        let phi = detector.phi(now + Duration::from_secs(10), &config());
+        assert!((phi - 10.0 * LOG10_E).abs() < 1e-9);
+    }
+
+    #[test]
+    fn never_heard_peer_is_convicted_from_the_bootstrap_mean() {
+        let mut detector = PhiDetector::default();
+        let start = Instant::now();
+        detector.heartbeat(start, &config());
+        assert_eq!(detector.window_len(), 0);
+        assert!(detector.phi(start + Duration::from_secs(19), &config()) > 8.0);
+        assert_eq!(PhiDetector::default().phi(start, &config()), 0.0);
+    }
+
+    #[test]
+    fn forgiven_stall_does_not_count() {
+        let mut detector = PhiDetector::default();
+        let now = beat_every(&mut detector, Instant::now(), 20, Duration::from_secs(1));
+        detector.forgive(Duration::from_secs(30));
+        assert!(detector.phi(now + Duration::from_secs(31), &config()) < 0.5);
+    }
+}

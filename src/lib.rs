@@ -1,0 +1,14 @@
+//! gossiper: cluster membership and shared per-node state for Node.js, by gossip.
+//!
+//! The engine is plain Rust; only [`binding`] knows about Node-API.
+//! - [`wire`]: frames and message encodings, and the checks every inbound frame passes.
+//! - [`protocol`]: the Scuttlebutt state machine, peer selection and liveness.
+//! - [`detector`]: phi-accrual failure detection.
+//! - [`node`]: the tokio tasks that run a node over TCP on one shared runtime.
+
+pub mod detector;
+pub mod node;
+pub mod protocol;
+pub mod wire;
+
+mod binding;

@@ -1,0 +1,592 @@
+//! The Scuttlebutt protocol as a synchronous state machine: messages in, replies and events out.
+//! No sockets or tasks live here, so a test drives whole exchanges between instances with plain
+//! calls and a paused clock.
+//!
+//! Each node owns a map of keys; every write takes the owner's next version. A node's state is
+//! identified by its name (`ip:port`) and generation (one per process start): a higher
+//! generation replaces everything known of the lower one. An exchange is push-pull:
+//! the initiator sends a digest (name, generation, heartbeat, max version per node), the
+//! responder answers with what the initiator lacks plus requests for what it lacks itself, and
+//! the initiator answers those requests.
+//!
+//! Invariant: for every known node, `max_version` is a version up to which this node holds every
+//! key's latest value. Deltas are accepted only when they start at or below it, so a gap can
+//! never be papered over.
+
+use crate::detector::{DetectorConfig, PhiDetector};
+use crate::wire::{self, DigestEntry, KeyValue, Limits, NodeDelta, Request};
+use bytes::Bytes;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub cluster_name: String,
+    pub gossip_interval: Duration,
+    pub phi_threshold: f64,
+    pub detector: DetectorConfig,
+    /// A peer failed for this long is forgotten, and its generation ignored for as long again.
+    pub dead_peer_ttl: Duration,
+    pub limits: Limits,
+    /// Peers that receive each fresh change at once, and each relay passes it on to.
+    pub push_fanout: usize,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_inbound_connections: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let gossip_interval = Duration::from_secs(1);
+        Settings {
+            cluster_name: "gossiper".into(),
+            gossip_interval,
+            phi_threshold: 8.0,
+            detector: DetectorConfig::for_interval(gossip_interval, Duration::from_secs(10)),
+            dead_peer_ttl: Duration::from_secs(24 * 3600),
+            limits: Limits::default(),
+            push_fanout: 3,
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(5),
+            max_inbound_connections: 1024,
+        }
+    }
+}
+
+impl Settings {
+    /// Room for deltas in one frame, leaving space for the header and per-entry overhead.
+    fn delta_budget(&self) -> usize {
+        self.limits.max_frame_bytes.saturating_sub(64 << 10).max(self.limits.max_frame_bytes / 2)
+    }
+}
+
+/// What the engine tells its owner, in the order it happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    NewPeer(&'a str),
+    Update { peer: &'a str, key: &'a str, value: &'a [u8] },
+    PeerAlive(&'a str),
+    PeerFailed(&'a str),
+}
+
+/// Receives events while the cluster lock is held: implementations must only queue them.
+pub trait EventSink: Send + Sync {
+    fn emit(&self, event: Event<'_>);
+}
+
+#[derive(Clone, Debug)]
+struct Versioned {
+    version: u64,
+    value: Bytes,
+}
+
+/// Everything known of one node in one generation.
+#[derive(Clone, Debug, Default)]
+pub struct NodeState {
+    pub generation: u64,
+    pub heartbeat: u64,
+    pub max_version: u64,
+    pub left: bool,
+    kvs: HashMap<String, Versioned>,
+    /// The same keys ordered by version, so a delta costs what it carries, not the whole map.
+    by_version: BTreeMap<u64, String>,
+}
+
+impl NodeState {
+    fn new(generation: u64) -> Self {
+        NodeState { generation, ..NodeState::default() }
+    }
+
+    fn insert(&mut self, key: String, version: u64, value: Bytes) {
+        if let Some(old) = self.kvs.insert(key.clone(), Versioned { version, value }) {
+            self.by_version.remove(&old.version);
+        }
+        self.by_version.insert(version, key);
+        self.max_version = self.max_version.max(version);
+    }
+
+    pub fn value(&self, key: &str) -> Option<&Bytes> {
+        self.kvs.get(key).map(|v| &v.value)
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        self.by_version.values().cloned().collect()
+    }
+
+    fn digest(&self, name: &str) -> DigestEntry {
+        DigestEntry {
+            name: name.to_owned(),
+            generation: self.generation,
+            heartbeat: self.heartbeat,
+            max_version: self.max_version,
+        }
+    }
+
+    /// Keys written after `from_version`, oldest first, while `budget` lasts. A cut delta ends at
+    /// its last key, so the receiver's `max_version` stays truthful.
+    fn delta(&self, name: &str, from_version: u64, budget: &mut usize) -> NodeDelta {
+        *budget = budget.saturating_sub(name.len() + 48);
+        let mut kvs = Vec::new();
+        let mut to_version = self.max_version;
+        let mut complete = true;
+        for (&version, key) in self.by_version.range(from_version + 1..) {
+            let value = &self.kvs[key].value;
+            let cost = key.len() + value.len() + 12;
+            if cost > *budget {
+                to_version = kvs.last().map_or(from_version, |kv: &KeyValue| kv.version);
+                complete = false;
+                break;
+            }
+            *budget -= cost;
+            kvs.push(KeyValue { key: key.clone(), version, value: value.clone() });
+        }
+        NodeDelta {
+            name: name.to_owned(),
+            generation: self.generation,
+            heartbeat: self.heartbeat,
+            from_version: from_version.min(to_version),
+            to_version,
+            left: self.left && complete,
+            kvs,
+        }
+    }
+}
+
+/// A remote node and our view of its liveness.
+#[derive(Debug)]
+pub struct Peer {
+    pub state: NodeState,
+    pub detector: PhiDetector,
+    pub live: bool,
+    dead_since: Option<Instant>,
+}
+
+/// Where one gossip round sends its digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Peer(String),
+    /// A configured contact address, resolved when used.
+    Seed(String),
+}
+
+/// Public view of one peer, for monitoring.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub name: String,
+    pub generation: u64,
+    pub heartbeat: u64,
+    pub max_version: u64,
+    pub live: bool,
+    pub left: bool,
+    pub phi: f64,
+}
+
+pub struct Cluster {
+    settings: Arc<Settings>,
+    name: String,
+    local: NodeState,
+    peers: HashMap<String, Peer>,
+    /// Peers dropped after `dead_peer_ttl`: their generation at that time, and when.
+    forgotten: HashMap<String, (u64, Instant)>,
+    /// Nodes changed since the last push: the generation and the version the change starts after.
+    unpushed: HashMap<String, (u64, u64)>,
+    sink: Arc<dyn EventSink>,
+}
+
+impl Cluster {
+    pub fn new(settings: Arc<Settings>, sink: Arc<dyn EventSink>) -> Self {
+        Cluster {
+            settings,
+            name: String::new(),
+            local: NodeState::default(),
+            peers: HashMap::new(),
+            forgotten: HashMap::new(),
+            unpushed: HashMap::new(),
+            sink,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.local.generation
+    }
+
+    /// Starts a new incarnation. Local keys are kept and re-versioned under the new generation,
+    /// so peers replace the previous incarnation's state with them; `stopped_for` is not held
+    /// against peers we could not hear while stopped.
+    pub fn begin_incarnation(&mut self, name: String, generation: u64, stopped_for: Duration) {
+        let old = std::mem::replace(&mut self.local, NodeState::new(generation));
+        for (version, key) in (1..).zip(old.by_version.into_values()) {
+            let value = old.kvs[&key].value.clone();
+            self.local.insert(key, version, value);
+        }
+        self.peers.remove(&name);
+        self.name = name;
+        self.unpushed.clear();
+        for peer in self.peers.values_mut() {
+            peer.detector.forgive(stopped_for);
+        }
+    }
+
+    /// Writes a local key. Returns false, and changes nothing, when the value is the same.
+    pub fn set_local(&mut self, key: &str, value: Bytes) -> bool {
+        if self.local.value(key) == Some(&value) {
+            return false;
+        }
+        let from = self.local.max_version;
+        self.local.insert(key.to_owned(), from + 1, value);
+        self.mark_unpushed(self.name.clone(), self.local.generation, from);
+        true
+    }
+
+    pub fn local_value(&self, key: &str) -> Option<&Bytes> {
+        self.local.value(key)
+    }
+
+    /// Announces a graceful stop: a version bump carrying `left`, pushed like any change.
+    pub fn leave(&mut self) {
+        let from = self.local.max_version;
+        self.local.left = true;
+        self.local.max_version += 1;
+        self.mark_unpushed(self.name.clone(), self.local.generation, from);
+    }
+
+    fn mark_unpushed(&mut self, name: String, generation: u64, from: u64) {
+        let entry = self.unpushed.entry(name).or_insert((generation, from));
+        if entry.0 != generation {
+            *entry = (generation, from);
+        }
+    }
+
+    fn node(&self, name: &str) -> Option<&NodeState> {
+        if name == self.name {
+            Some(&self.local)
+        } else {
+            self.peers.get(name).map(|p| &p.state)
+        }
+    }
+
+    pub fn node_value(&self, name: &str, key: &str) -> Option<&Bytes> {
+        self.node(name)?.value(key)
+    }
+
+    pub fn node_keys(&self, name: &str) -> Vec<String> {
+        self.node(name).map(NodeState::keys).unwrap_or_default()
+    }
+
+    pub fn peer_names(&self, live: Option<bool>) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| live.map_or(true, |l| p.live == l))
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub fn peer_infos(&self, now: Instant) -> Vec<PeerInfo> {
+        let mut infos: Vec<PeerInfo> = self
+            .peers
+            .iter()
+            .map(|(name, p)| PeerInfo {
+                name: name.clone(),
+                generation: p.state.generation,
+                heartbeat: p.state.heartbeat,
+                max_version: p.state.max_version,
+                live: p.live,
+                left: p.state.left,
+                phi: p.detector.phi(now, &self.settings.detector),
+            })
+            .collect();
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        infos
+    }
+
+    /// One gossip round's bookkeeping: our heartbeat, convictions and forgetting. `stall` is how
+    /// late this tick is; that time is not counted against peers.
+    pub fn tick(&mut self, now: Instant, stall: Duration) {
+        self.local.heartbeat += 1;
+        let settings = &self.settings;
+        for (name, peer) in self.peers.iter_mut() {
+            if !stall.is_zero() {
+                peer.detector.forgive(stall);
+            }
+            if peer.live && peer.detector.phi(now, &settings.detector) > settings.phi_threshold {
+                peer.live = false;
+                peer.dead_since = Some(now);
+                peer.detector.reset();
+                self.sink.emit(Event::PeerFailed(name));
+            }
+        }
+        let ttl = settings.dead_peer_ttl;
+        let expired: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.dead_since.is_some_and(|t| now.saturating_duration_since(t) >= ttl))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in expired {
+            if let Some(peer) = self.peers.remove(&name) {
+                self.forgotten.insert(name, (peer.state.generation, now));
+            }
+        }
+        self.forgotten.retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
+    }
+
+    fn is_forgotten(&self, name: &str, generation: u64) -> bool {
+        self.forgotten.get(name).is_some_and(|&(g, _)| generation <= g)
+    }
+
+    pub fn digest(&self) -> Vec<DigestEntry> {
+        let mut digest = Vec::with_capacity(self.peers.len() + 1);
+        digest.push(self.local.digest(&self.name));
+        digest.extend(self.peers.iter().map(|(name, p)| p.state.digest(name)));
+        digest
+    }
+
+    /// Responder side: what the initiator lacks (including nodes its digest does not name) and
+    /// what to ask of it. Heartbeats newer in the digest are taken from it directly.
+    pub fn handle_syn(&mut self, digest: &[DigestEntry], now: Instant) -> (Vec<NodeDelta>, Vec<Request>) {
+        let mut budget = self.settings.delta_budget();
+        let mut deltas = Vec::new();
+        let mut requests = Vec::new();
+        let mut named = HashSet::with_capacity(digest.len());
+        for entry in digest {
+            named.insert(entry.name.as_str());
+            if self.is_forgotten(&entry.name, entry.generation) {
+                continue;
+            }
+            let is_self = entry.name == self.name;
+            match self.node(&entry.name) {
+                None => requests.push(request(entry, 0)),
+                Some(node) if node.generation > entry.generation => {
+                    deltas.push(node.delta(&entry.name, 0, &mut budget));
+                }
+                Some(_) if is_self => {}
+                Some(node) if node.generation < entry.generation => requests.push(request(entry, 0)),
+                Some(node) => {
+                    if node.max_version > entry.max_version || node.heartbeat > entry.heartbeat {
+                        deltas.push(node.delta(&entry.name, entry.max_version, &mut budget));
+                    }
+                    if entry.max_version > node.max_version {
+                        requests.push(request(entry, node.max_version));
+                    }
+                    if entry.heartbeat > node.heartbeat {
+                        self.observe_heartbeat(&entry.name, entry.heartbeat, now);
+                    }
+                }
+            }
+        }
+        for (name, node) in std::iter::once((&self.name, &self.local))
+            .chain(self.peers.iter().map(|(n, p)| (n, &p.state)))
+        {
+            if !named.contains(name.as_str()) {
+                deltas.push(node.delta(name, 0, &mut budget));
+            }
+        }
+        (deltas, requests)
+    }
+
+    /// Initiator side, after the SynAck: applies its deltas and answers its requests.
+    pub fn handle_syn_ack(
+        &mut self,
+        deltas: Vec<NodeDelta>,
+        requests: &[Request],
+        now: Instant,
+    ) -> Vec<NodeDelta> {
+        self.apply_deltas(deltas, now);
+        let mut budget = self.settings.delta_budget();
+        requests
+            .iter()
+            .filter_map(|r| {
+                let node = self.node(&r.name)?;
+                let from = if node.generation == r.generation { r.from_version } else { 0 };
+                (node.generation >= r.generation).then(|| node.delta(&r.name, from, &mut budget))
+            })
+            .collect()
+    }
+
+    /// Applies deltas from any message, and queues what was new to us for relaying.
+    pub fn apply_deltas(&mut self, deltas: Vec<NodeDelta>, now: Instant) {
+        for delta in deltas {
+            self.apply_delta(delta, now);
+        }
+    }
+
+    fn apply_delta(&mut self, delta: NodeDelta, now: Instant) {
+        if delta.name == self.name || self.is_forgotten(&delta.name, delta.generation) {
+            return;
+        }
+        let sink = &self.sink;
+        let detector = &self.settings.detector;
+        let peer = match self.peers.get_mut(&delta.name) {
+            Some(peer) if peer.state.generation > delta.generation => return,
+            Some(peer) if peer.state.generation < delta.generation => {
+                peer.state = NodeState::new(delta.generation);
+                peer.state.heartbeat = delta.heartbeat;
+                peer.detector.reset();
+                peer.detector.heartbeat(now, detector);
+                if !peer.live && !delta.left {
+                    peer.live = true;
+                    peer.dead_since = None;
+                    sink.emit(Event::PeerAlive(&delta.name));
+                }
+                peer
+            }
+            Some(peer) => {
+                if delta.heartbeat > peer.state.heartbeat {
+                    peer.state.heartbeat = delta.heartbeat;
+                    revive_on_heartbeat(peer, &delta.name, now, detector, sink.as_ref());
+                }
+                peer
+            }
+            None => {
+                let mut detector_state = PhiDetector::default();
+                detector_state.heartbeat(now, detector);
+                let mut state = NodeState::new(delta.generation);
+                state.heartbeat = delta.heartbeat;
+                sink.emit(Event::NewPeer(&delta.name));
+                self.peers.entry(delta.name.clone()).or_insert(Peer {
+                    state,
+                    detector: detector_state,
+                    live: !delta.left,
+                    dead_since: delta.left.then_some(now),
+                })
+            }
+        };
+        let state = &mut peer.state;
+        if delta.from_version > state.max_version || delta.to_version <= state.max_version && !delta.left {
+            return;
+        }
+        let from = state.max_version;
+        for kv in delta.kvs {
+            if kv.version > state.max_version {
+                sink.emit(Event::Update { peer: &delta.name, key: &kv.key, value: &kv.value });
+                state.insert(kv.key, kv.version, kv.value);
+            }
+        }
+        state.max_version = state.max_version.max(delta.to_version);
+        if delta.left && !state.left {
+            state.left = true;
+            if peer.live {
+                peer.live = false;
+                peer.dead_since = Some(now);
+                peer.detector.reset();
+                sink.emit(Event::PeerFailed(&delta.name));
+            }
+        }
+        let generation = delta.generation;
+        if state.max_version > from || delta.left {
+            self.mark_unpushed(delta.name, generation, from);
+        }
+    }
+
+    fn observe_heartbeat(&mut self, name: &str, heartbeat: u64, now: Instant) {
+        if let Some(peer) = self.peers.get_mut(name) {
+            peer.state.heartbeat = heartbeat;
+            revive_on_heartbeat(peer, name, now, &self.settings.detector, self.sink.as_ref());
+        }
+    }
+
+    /// Fresh changes to push, each from where it started, oldest first, within one frame.
+    pub fn take_unpushed(&mut self) -> Vec<NodeDelta> {
+        let mut budget = self.settings.delta_budget();
+        let unpushed = std::mem::take(&mut self.unpushed);
+        let mut deltas = Vec::with_capacity(unpushed.len());
+        for (name, (generation, from)) in unpushed {
+            let Some(node) = self.node(&name) else { continue };
+            let from = if node.generation == generation { from } else { 0 };
+            let delta = node.delta(&name, from, &mut budget);
+            if delta.to_version < node.max_version {
+                // Cut by the budget: the rest goes in the next push.
+                self.unpushed.insert(name, (node.generation, delta.to_version));
+            }
+            deltas.push(delta);
+        }
+        deltas
+    }
+
+    pub fn has_unpushed(&self) -> bool {
+        !self.unpushed.is_empty()
+    }
+
+    /// Live peers to push to, at random, leaving out `except` (who told us).
+    pub fn push_targets(&self, except: Option<&str>, rng: &mut impl Rng) -> Vec<String> {
+        let live: Vec<&String> = self
+            .peers
+            .iter()
+            .filter(|(n, p)| p.live && Some(n.as_str()) != except)
+            .map(|(n, _)| n)
+            .collect();
+        live.choose_multiple(rng, self.settings.push_fanout).map(|n| (*n).clone()).collect()
+    }
+
+    /// Cassandra's choice of whom to gossip with this round: one live peer; a failed one with
+    /// probability failed/(live+1); a seed when the live peer was not one or there are fewer
+    /// live peers than seeds (always when nobody is live, otherwise with probability
+    /// seeds/known).
+    pub fn gossip_targets(&self, seeds: &[String], rng: &mut impl Rng) -> Vec<Target> {
+        let (live, dead): (Vec<&String>, Vec<&String>) = {
+            let mut live = Vec::new();
+            let mut dead = Vec::new();
+            for (name, peer) in &self.peers {
+                if peer.live { live.push(name) } else { dead.push(name) }
+            }
+            (live, dead)
+        };
+        let seeds: Vec<&String> = seeds.iter().filter(|s| **s != self.name).collect();
+        let mut targets = Vec::with_capacity(3);
+        let mut reached_seed = false;
+        if let Some(peer) = live.choose(rng) {
+            reached_seed = seeds.contains(peer);
+            targets.push(Target::Peer((*peer).clone()));
+        }
+        if let Some(peer) = dead.choose(rng) {
+            if rng.gen_bool(dead.len() as f64 / (live.len() + 1) as f64) {
+                targets.push(Target::Peer((*peer).clone()));
+            }
+        }
+        if !reached_seed || live.len() < seeds.len() {
+            if let Some(seed) = seeds.choose(rng) {
+                let known = (live.len() + dead.len()) as f64;
+                if live.is_empty() || rng.gen_bool((seeds.len() as f64 / known).min(1.0)) {
+                    targets.push(Target::Seed((*seed).clone()));
+                }
+            }
+        }
+        targets
+    }
+}
+
+fn request(entry: &DigestEntry, from_version: u64) -> Request {
+    Request { name: entry.name.clone(), generation: entry.generation, from_version }
+}
+
+fn revive_on_heartbeat(
+    peer: &mut Peer,
+    name: &str,
+    now: Instant,
+    config: &DetectorConfig,
+    sink: &dyn EventSink,
+) {
+    peer.detector.heartbeat(now, config);
+    if !peer.live && !peer.state.left {
+        peer.live = true;
+        peer.dead_since = None;
+        sink.emit(Event::PeerAlive(name));
+    }
+}
+
+/// Checks a local write against the same limits peers apply, so we never send what they drop.
+pub fn check_local_write(key: &str, value: &[u8], limits: &Limits) -> Result<(), wire::Rejection> {
+    wire::check_key_value(key, value, limits)
+}
+

@@ -1,0 +1,499 @@
+//! The wire format: how gossip messages become bytes on a TCP stream and back.
+//!
+//! Every message travels as one frame: a 4-byte big-endian length, then that many bytes holding
+//! two consecutive MessagePack values, a [`Header`] and the payload its `kind` names. Decoding
+//! never trusts the peer: every frame is bounded by [`Limits`], every name, key and value is
+//! checked, and anything that fails is reported as a [`Rejection`] for the caller to count and
+//! drop. `docs/protocol.md` describes the same format for people writing a compatible peer.
+
+use bytes::{Bytes, BytesMut};
+use serde::{de::IgnoredAny, Deserialize, Serialize};
+use std::net::SocketAddr;
+use tokio_util::codec::LengthDelimitedCodec;
+
+/// Bumped on any incompatible change; frames of another version are dropped and counted.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Versions, heartbeats and generations above this are refused: they could never be reached
+/// honestly, and accepting one would let a single bad frame shadow a real node forever.
+pub const MAX_COUNTER: u64 = 1 << 53;
+
+/// What a receiver accepts from one peer. Every field has a default sized for clusters of a few
+/// thousand nodes holding small values.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    /// Digest entries, deltas or requests in one message.
+    pub max_peers_per_message: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 4 << 20,
+            max_key_bytes: 1024,
+            max_value_bytes: 256 << 10,
+            max_peers_per_message: 8192,
+        }
+    }
+}
+
+/// Length-prefixed framing shared by both directions of every connection.
+pub fn codec(limits: &Limits) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(limits.max_frame_bytes)
+        .new_codec()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub version: u8,
+    pub cluster: String,
+    /// The sender's advertised `ip:port`.
+    pub from: String,
+    pub kind: u8,
+}
+
+/// One node as a digest sees it: enough for the receiver to tell who is behind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestEntry {
+    pub name: String,
+    pub generation: u64,
+    pub heartbeat: u64,
+    pub max_version: u64,
+}
+
+/// A key written by its owner at `version`; `value` is one MessagePack-encoded value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: String,
+    pub version: u64,
+    pub value: Bytes,
+}
+
+/// What the sender knows of one node, from `from_version` (exclusive) to `to_version`
+/// (inclusive): every key whose latest version lies in that range, in version order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDelta {
+    pub name: String,
+    pub generation: u64,
+    pub heartbeat: u64,
+    pub from_version: u64,
+    pub to_version: u64,
+    /// The node announced a graceful stop for this generation.
+    pub left: bool,
+    pub kvs: Vec<KeyValue>,
+}
+
+/// "Send me `name` at `generation` from `from_version` on."
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub name: String,
+    pub generation: u64,
+    pub from_version: u64,
+}
+
+/// The messages of one exchange (Syn, SynAck, Ack) and the unsolicited Push.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Initiator → responder: the initiator's digest of every node it knows.
+    Syn { digest: Vec<DigestEntry> },
+    /// Responder → initiator: what the initiator lacks, and what the responder wants.
+    SynAck { deltas: Vec<NodeDelta>, requests: Vec<Request> },
+    /// Initiator → responder: the requested deltas. Ends the exchange.
+    Ack { deltas: Vec<NodeDelta> },
+    /// Fresh changes sent at once, without a digest; the receiver passes on what was new to it.
+    Push { deltas: Vec<NodeDelta> },
+}
+
+impl Message {
+    fn kind(&self) -> u8 {
+        match self {
+            Message::Syn { .. } => 1,
+            Message::SynAck { .. } => 2,
+            Message::Ack { .. } => 3,
+            Message::Push { .. } => 4,
+        }
+    }
+}
+
+/// Why an inbound frame was dropped. Each variant has its own counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// Not MessagePack of the expected shape, truncated, or trailing bytes.
+    Malformed,
+    /// Longer than `max_frame_bytes`.
+    Oversized,
+    WrongVersion,
+    WrongCluster,
+    UnknownKind,
+    /// A node name that is not a canonical `ip:port`.
+    BadName,
+    /// A key or value outside the limits, or a value that is not one MessagePack value.
+    BadKeyValue,
+    /// Too many entries, or a counter beyond [`MAX_COUNTER`].
+    OutOfBounds,
+    /// Well-formed, but not the message this point of the exchange expects.
+    Unexpected,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 9] = [
+        Rejection::Malformed,
+        Rejection::Oversized,
+        Rejection::WrongVersion,
+        Rejection::WrongCluster,
+        Rejection::UnknownKind,
+        Rejection::BadName,
+        Rejection::BadKeyValue,
+        Rejection::OutOfBounds,
+        Rejection::Unexpected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Malformed => "malformed",
+            Rejection::Oversized => "oversized",
+            Rejection::WrongVersion => "wrongVersion",
+            Rejection::WrongCluster => "wrongCluster",
+            Rejection::UnknownKind => "unknownKind",
+            Rejection::BadName => "badName",
+            Rejection::BadKeyValue => "badKeyValue",
+            Rejection::OutOfBounds => "outOfBounds",
+            Rejection::Unexpected => "unexpected",
+        }
+    }
+}
+
+pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
+    let header = Header {
+        version: PROTOCOL_VERSION,
+        cluster: cluster.to_owned(),
+        from: from.to_owned(),
+        kind: message.kind(),
+    };
+    let mut out = Vec::with_capacity(64);
+    // Writing into a Vec cannot fail, and every type here serializes.
+    rmp_serde::encode::write(&mut out, &header).expect("header encodes");
+    match message {
+        Message::Syn { digest } => rmp_serde::encode::write(&mut out, &(digest,)),
+        Message::SynAck { deltas, requests } => {
+            rmp_serde::encode::write(&mut out, &(deltas, requests))
+        }
+        Message::Ack { deltas } | Message::Push { deltas } => {
+            rmp_serde::encode::write(&mut out, &(deltas,))
+        }
+    }
+    .expect("message encodes");
+    Bytes::from(out)
+}
+
+/// Decodes and checks one frame body. Returns the sender's name with the message.
+pub fn decode(
+    frame: &BytesMut,
+    cluster: &str,
+    limits: &Limits,
+) -> Result<(String, Message), Rejection> {
+    let mut de = rmp_serde::Deserializer::new(&frame[..]);
+    let header = Header::deserialize(&mut de).map_err(|_| Rejection::Malformed)?;
+    if header.version != PROTOCOL_VERSION {
+        return Err(Rejection::WrongVersion);
+    }
+    if header.cluster != cluster {
+        return Err(Rejection::WrongCluster);
+    }
+    check_name(&header.from)?;
+    let message = match header.kind {
+        1 => {
+            let (digest,): (Vec<DigestEntry>,) = read(&mut de)?;
+            Message::Syn { digest }
+        }
+        2 => {
+            let (deltas, requests): (Vec<NodeDelta>, Vec<Request>) = read(&mut de)?;
+            Message::SynAck { deltas, requests }
+        }
+        3 => Message::Ack { deltas: read::<(Vec<NodeDelta>,)>(&mut de)?.0 },
+        4 => Message::Push { deltas: read::<(Vec<NodeDelta>,)>(&mut de)?.0 },
+        _ => return Err(Rejection::UnknownKind),
+    };
+    if !de.get_ref().is_empty() {
+        return Err(Rejection::Malformed);
+    }
+    check_message(&message, limits)?;
+    Ok((header.from, message))
+}
+
+/// The decoder reads from a shrinking slice, so what is left afterwards shows trailing bytes.
+type SliceDecoder<'a> = rmp_serde::Deserializer<rmp_serde::decode::ReadReader<&'a [u8]>>;
+
+fn read<T: serde::de::DeserializeOwned>(de: &mut SliceDecoder<'_>) -> Result<T, Rejection> {
+    T::deserialize(de).map_err(|_| Rejection::Malformed)
+}
+
+/// A node name is the canonical text of a socket address, so that one node has one name.
+pub fn check_name(name: &str) -> Result<(), Rejection> {
+    match name.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 && addr.to_string() == name => Ok(()),
+        _ => Err(Rejection::BadName),
+    }
+}
+
+fn check_counter(n: u64) -> Result<(), Rejection> {
+    if n > MAX_COUNTER {
+        Err(Rejection::OutOfBounds)
+    } else {
+        Ok(())
+    }
+}
+
+/// True when `value` holds exactly one well-formed MessagePack value.
+pub fn is_single_value(value: &[u8]) -> bool {
+    let mut de = rmp_serde::Deserializer::new(value);
+    IgnoredAny::deserialize(&mut de).is_ok() && de.get_ref().is_empty()
+}
+
+pub fn check_key_value(key: &str, value: &[u8], limits: &Limits) -> Result<(), Rejection> {
+    if key.is_empty()
+        || key.len() > limits.max_key_bytes
+        || value.len() > limits.max_value_bytes
+        || !is_single_value(value)
+    {
+        return Err(Rejection::BadKeyValue);
+    }
+    Ok(())
+}
+
+fn check_deltas(deltas: &[NodeDelta], limits: &Limits) -> Result<(), Rejection> {
+    if deltas.len() > limits.max_peers_per_message {
+        return Err(Rejection::OutOfBounds);
+    }
+    for delta in deltas {
+        check_name(&delta.name)?;
+        for n in [delta.generation, delta.heartbeat, delta.to_version] {
+            check_counter(n)?;
+        }
+        if delta.from_version > delta.to_version {
+            return Err(Rejection::OutOfBounds);
+        }
+        let mut previous = delta.from_version;
+        for kv in &delta.kvs {
+            check_key_value(&kv.key, &kv.value, limits)?;
+            // Versions must rise strictly inside the announced range, or the receiver could be
+            // told it holds versions it never got.
+            if kv.version <= previous || kv.version > delta.to_version {
+                return Err(Rejection::OutOfBounds);
+            }
+            previous = kv.version;
+        }
+    }
+    Ok(())
+}
+
+fn check_message(message: &Message, limits: &Limits) -> Result<(), Rejection> {
+    match message {
+        Message::Syn { digest } => {
+            if digest.len() > limits.max_peers_per_message {
+                return Err(Rejection::OutOfBounds);
+            }
+            for entry in digest {
+                check_name(&entry.name)?;
+                for n in [entry.generation, entry.heartbeat, entry.max_version] {
+                    check_counter(n)?;
+                }
+            }
+            Ok(())
+        }
+        Message::SynAck { deltas, requests } => {
+            if requests.len() > limits.max_peers_per_message {
+                return Err(Rejection::OutOfBounds);
+            }
+            for request in requests {
+                check_name(&request.name)?;
+                check_counter(request.generation)?;
+                check_counter(request.from_version)?;
+            }
+            check_deltas(deltas, limits)
+        }
+        Message::Ack { deltas } | Message::Push { deltas } => check_deltas(deltas, limits),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    const GOLDEN: [&str; 4] = [
+        "9401a163ad31302e302e302e313a3930303001919194ad31302e302e302e313a39303030010203",
+        "9401a163ad31302e302e302e313a3930303002929197ad31302e302e302e323a3930303107030002c29193a1\
+         6b02c402a1769193ad31302e302e302e313a393030300100",
+        "9401a163ad31302e302e302e313a3930303003919197ad31302e302e302e323a3930303107030002c29193a1\
+         6b02c402a176",
+        "9401a163ad31302e302e302e313a39303030049190",
+    ];
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn frame(bytes: &[u8]) -> BytesMut {
+        BytesMut::from(bytes)
+    }
+
+    fn delta() -> NodeDelta {
+        NodeDelta {
+            name: "10.0.0.2:9001".into(),
+            generation: 7,
+            heartbeat: 3,
+            from_version: 0,
+            to_version: 2,
+            left: false,
+            kvs: vec![KeyValue { key: "k".into(), version: 2, value: Bytes::from_static(&[0xa1, b'v']) }],
+        }
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Syn {
+                digest: vec![DigestEntry {
+                    name: "10.0.0.1:9000".into(),
+                    generation: 1,
+                    heartbeat: 2,
+                    max_version: 3,
+                }],
+            },
+            Message::SynAck {
+                deltas: vec![delta()],
+                requests: vec![Request { name: "10.0.0.1:9000".into(), generation: 1, from_version: 0 }],
+            },
+            Message::Ack { deltas: vec![delta()] },
+            Message::Push { deltas: vec![] },
+        ]
+    }
+
+    /// Fixed bytes for every message kind of protocol version 1: a change here breaks peers.
+    #[test]
+    fn golden_encodings() {
+        let encoded: Vec<String> =
+            samples().iter().map(|m| hex(&encode("c", "10.0.0.1:9000", m))).collect();
+        assert_eq!(encoded, GOLDEN);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for message in samples() {
+            let bytes = encode("c", "10.0.0.1:9000", &message);
+            let (from, back) = decode(&frame(&bytes), "c", &Limits::default()).unwrap();
+            assert_eq!(from, "10.0.0.1:9000");
+            assert_eq!(back, message);
+        }
+    }
+
+    #[test]
+    fn wrong_cluster_version_and_kind_are_rejected() {
+        let bytes = encode("a", "10.0.0.1:9000", &samples()[0]);
+        assert_eq!(decode(&frame(&bytes), "b", &Limits::default()), Err(Rejection::WrongCluster));
+
+        let mut bytes = bytes.to_vec();
+        bytes[1] = 9; // the version field
+        assert_eq!(decode(&frame(&bytes), "a", &Limits::default()), Err(Rejection::WrongVersion));
+
+        let mut other = Vec::new();
+        rmp_serde::encode::write(
+            &mut other,
+            &Header { version: 1, cluster: "a".into(), from: "10.0.0.1:9000".into(), kind: 42 },
+        )
+        .unwrap();
+        assert_eq!(decode(&frame(&other), "a", &Limits::default()), Err(Rejection::UnknownKind));
+    }
+
+    #[test]
+    fn every_truncation_and_garbage_is_rejected() {
+        let bytes = encode("c", "10.0.0.1:9000", &samples()[1]);
+        for end in 0..bytes.len() {
+            assert!(decode(&frame(&bytes[..end]), "c", &Limits::default()).is_err(), "prefix {end}");
+        }
+        let mut trailing = bytes.to_vec();
+        trailing.push(0);
+        assert_eq!(decode(&frame(&trailing), "c", &Limits::default()), Err(Rejection::Malformed));
+
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            let len = (seed % 64) as usize;
+            let garbage: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            assert!(decode(&frame(&garbage), "c", &Limits::default()).is_err());
+        }
+    }
+
+    #[test]
+    fn hostile_contents_are_rejected() {
+        let limits = Limits::default();
+        let reject = |message: Message| decode(&frame(&encode("c", "10.0.0.1:9000", &message)), "c", &limits);
+
+        let bad_name = Message::Syn {
+            digest: vec![DigestEntry { name: "evil".into(), generation: 1, heartbeat: 1, max_version: 1 }],
+        };
+        assert_eq!(reject(bad_name), Err(Rejection::BadName));
+        assert_eq!(
+            decode(&frame(&encode("c", "localhost:1", &samples()[0])), "c", &limits),
+            Err(Rejection::BadName)
+        );
+
+        let mut absurd = delta();
+        absurd.generation = u64::MAX;
+        assert_eq!(reject(Message::Push { deltas: vec![absurd] }), Err(Rejection::OutOfBounds));
+
+        let mut unordered = delta();
+        unordered.kvs.push(KeyValue { key: "j".into(), version: 1, value: Bytes::from_static(&[0xc0]) });
+        assert_eq!(reject(Message::Push { deltas: vec![unordered] }), Err(Rejection::OutOfBounds));
+
+        let mut not_msgpack = delta();
+        not_msgpack.kvs[0].value = Bytes::from_static(&[0xc1]);
+        assert_eq!(reject(Message::Push { deltas: vec![not_msgpack] }), Err(Rejection::BadKeyValue));
+
+        let mut empty_key = delta();
+        empty_key.kvs[0].key.clear();
+        assert_eq!(reject(Message::Push { deltas: vec![empty_key] }), Err(Rejection::BadKeyValue));
+
+        let tight = Limits { max_peers_per_message: 1, ..Limits::default() };
+        let many = Message::Push { deltas: vec![delta(), delta()] };
+        assert_eq!(
+            decode(&frame(&encode("c", "10.0.0.1:9000", &many)), "c", &tight),
+            Err(Rejection::OutOfBounds)
+        );
+    }
+
+    #[test]
+    fn names_must_be_canonical_socket_addresses() {
+        for good in ["127.0.0.1:9000", "[::1]:9000", "[fe80::1]:1"] {
+            assert_eq!(check_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "evil", "127.0.0.1", "127.0.0.1:0", "127.000.0.1:1", "[::1]", "::1:80", "h:1"] {
+            assert_eq!(check_name(bad), Err(Rejection::BadName), "{bad}");
+        }
+    }
+
+    #[test]
+    fn codec_rejects_oversized_frames() {
+        let limits = Limits { max_frame_bytes: 16, ..Limits::default() };
+        let mut codec = codec(&limits);
+        let mut buf = BytesMut::new();
+        codec.encode(Bytes::from_static(&[0; 8]), &mut buf).unwrap();
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().len(), 8);
+
+        let mut big = BytesMut::from(&[0, 0, 0, 17][..]);
+        big.extend_from_slice(&[0; 17]);
+        assert!(codec.decode(&mut big).is_err());
+        assert!(codec.encode(Bytes::from_static(&[0; 17]), &mut BytesMut::new()).is_err());
+    }
+}
