@@ -132,6 +132,9 @@ pub struct Node {
     shared: Arc<Shared>,
     running: Mutex<Option<Running>>,
     stopped_at: Mutex<Option<Instant>>,
+    /// The port of the last incarnation: a node asked for any port keeps its name across
+    /// restarts when that port is still free.
+    last_port: AtomicU64,
 }
 
 impl Node {
@@ -147,6 +150,7 @@ impl Node {
             }),
             running: Mutex::new(None),
             stopped_at: Mutex::new(None),
+            last_port: AtomicU64::new(0),
         }
     }
 
@@ -160,8 +164,14 @@ impl Node {
         if running.is_some() {
             return Err(StartError { code: "ERR_GOSSIP_RUNNING", message: "already started".into() });
         }
-        let std_listener = bind(listen).map_err(|e| StartError::from_io(e, "cannot listen"))?;
+        let last_port = self.last_port.load(Relaxed) as u16;
+        let std_listener = match (listen.port, last_port) {
+            (0, 1..) => bind(&Listen { port: last_port, ..listen.clone() }).or_else(|_| bind(listen)),
+            _ => bind(listen),
+        }
+        .map_err(|e| StartError::from_io(e, "cannot listen"))?;
         let port = std_listener.local_addr().map_err(|e| StartError::from_io(e, "cannot listen"))?.port();
+        self.last_port.store(port as u64, Relaxed);
         let ip = listen.address.unwrap_or_else(|| advertised_ip(&self.shared.seeds));
         let name = SocketAddr::new(ip, port).to_string();
 

@@ -1,0 +1,308 @@
+'use strict'
+// The public Gossiper: an EventEmitter around the native engine. Arguments are checked here so
+// that mistakes surface as TypeError/RangeError naming the argument; the engine trusts them.
+
+const { EventEmitter } = require('node:events')
+const net = require('node:net')
+const { encodeValue, decodeValue, Decoder } = require('./values')
+const { NativeGossiper } = loadNative()
+
+function loadNative() {
+  try {
+    return require('./gossiper.node')
+  } catch (error) {
+    error.message = `gossiper: the native addon is not built (run \`npm install\` or \`npm run build\`): ${error.message}`
+    throw error
+  }
+}
+
+const DEFAULTS = Object.freeze({
+  port: 0,
+  seeds: Object.freeze([]),
+  address: undefined,
+  clusterName: 'gossiper',
+  gossipInterval: 1000,
+  phiThreshold: 8,
+  maxInterval: 10000,
+  deadPeerTtl: 24 * 3600 * 1000,
+  pushFanout: 3,
+  connectTimeout: 2000,
+  idleTimeout: 5000,
+  maxFrameBytes: 4 * 1024 * 1024,
+  maxKeyBytes: 1024,
+  maxValueBytes: 256 * 1024,
+  maxPeersPerMessage: 8192,
+  maxInboundConnections: 1024,
+})
+
+// [option, smallest, largest]
+const NUMERIC_OPTIONS = [
+  ['gossipInterval', 1, 3600e3],
+  ['phiThreshold', 0.1, 1000],
+  ['maxInterval', 1, 65e3],
+  ['deadPeerTtl', 1, 365 * 24 * 3600e3],
+  ['pushFanout', 0, 64],
+  ['connectTimeout', 1, 600e3],
+  ['idleTimeout', 1, 600e3],
+  ['maxFrameBytes', 1024, 2 ** 31 - 1],
+  ['maxKeyBytes', 1, 2 ** 20],
+  ['maxValueBytes', 1, 2 ** 31 - 1],
+  ['maxPeersPerMessage', 1, 2 ** 20],
+  ['maxInboundConnections', 1, 2 ** 20],
+]
+
+const EVENT_NAMES = [undefined, 'new_peer', 'peer_alive', 'peer_failed']
+
+// Started gossipers stay reachable even if the caller drops them, as a listening server does.
+const running = new Set()
+
+function typeError(message, code = 'ERR_INVALID_ARG_TYPE') {
+  return Object.assign(new TypeError(message), { code })
+}
+
+function rangeError(message) {
+  return Object.assign(new RangeError(message), { code: 'ERR_OUT_OF_RANGE' })
+}
+
+function checkNumber(name, value, min, max, integer = false) {
+  if (typeof value !== 'number' || Number.isNaN(value)) {
+    throw typeError(`The "${name}" argument must be a number. Received ${describe(value)}`)
+  }
+  if (value < min || value > max || (integer && !Number.isInteger(value))) {
+    const what = integer ? 'an integer' : 'a number'
+    throw rangeError(`The "${name}" argument must be ${what} >= ${min} and <= ${max}. Received ${value}`)
+  }
+}
+
+function describe(value) {
+  if (value === null) return 'null'
+  if (typeof value === 'string') return `'${value.length > 40 ? value.slice(0, 40) + '...' : value}'`
+  if (typeof value === 'object' || typeof value === 'function') return `an instance of ${value.constructor?.name ?? 'Object'}`
+  return `type ${typeof value} (${String(value)})`
+}
+
+// A seed is "host:port" or "[ipv6]:port"; the host is resolved each time it is contacted.
+function checkSeed(seed, index) {
+  const name = `seeds[${index}]`
+  if (typeof seed !== 'string') throw typeError(`The "${name}" argument must be a string "host:port". Received ${describe(seed)}`)
+  const match = /^(?:\[([0-9a-fA-F:.]+)\]|([^\s:[\]]+)):(\d{1,5})$/.exec(seed)
+  if (!match || (match[1] !== undefined && net.isIPv6(match[1]) === false)) {
+    throw typeError(`The "${name}" argument must be "host:port" or "[ipv6]:port". Received ${describe(seed)}`, 'ERR_INVALID_ARG_VALUE')
+  }
+  const port = Number(match[3])
+  if (port < 1 || port > 65535) throw rangeError(`The port of "${name}" must be >= 1 and <= 65535. Received ${port}`)
+  return seed
+}
+
+function normalizeOptions(portOrOptions, seeds, ipToBind) {
+  const given = typeof portOrOptions === 'object' && portOrOptions !== null
+    ? portOrOptions
+    : { port: portOrOptions, seeds, address: ipToBind }
+  const options = { ...DEFAULTS }
+  for (const [key, value] of Object.entries(given)) {
+    if (value !== undefined) options[key] = value
+  }
+  checkNumber('port', options.port, 0, 65535, true)
+  if (!Array.isArray(options.seeds)) throw typeError(`The "seeds" argument must be an array of "host:port" strings. Received ${describe(options.seeds)}`)
+  options.seeds = options.seeds.map(checkSeed)
+  if (options.address !== undefined && (typeof options.address !== 'string' || net.isIP(options.address) === 0)) {
+    throw typeError(`The "address" argument must be an IP address string. Received ${describe(options.address)}`, typeof options.address === 'string' ? 'ERR_INVALID_ARG_VALUE' : 'ERR_INVALID_ARG_TYPE')
+  }
+  if (typeof options.clusterName !== 'string' || options.clusterName.length === 0 || Buffer.byteLength(options.clusterName) > 255) {
+    throw typeError(`The "clusterName" argument must be a non-empty string of at most 255 bytes. Received ${describe(options.clusterName)}`)
+  }
+  for (const [name, min, max] of NUMERIC_OPTIONS) checkNumber(name, options[name], min, max, name !== 'gossipInterval' && name !== 'phiThreshold')
+  return options
+}
+
+function checkKey(key, name = 'key') {
+  if (typeof key !== 'string') throw typeError(`The "${name}" argument must be a string. Received ${describe(key)}`)
+  if (key.length === 0) throw typeError(`The "${name}" argument must not be empty`, 'ERR_INVALID_ARG_VALUE')
+}
+
+function checkPeer(peer) {
+  if (typeof peer !== 'string') throw typeError(`The "peer" argument must be a string. Received ${describe(peer)}`)
+}
+
+function settle(promise, callback) {
+  if (callback === undefined) return promise
+  if (typeof callback !== 'function') throw typeError(`The "callback" argument must be a function. Received ${describe(callback)}`)
+  promise.then(() => callback(null), callback)
+  // The callback saw the error; the returned promise still rejects for whoever awaits it.
+  promise.catch(() => {})
+  return promise
+}
+
+class Gossiper extends EventEmitter {
+  /**
+   * new Gossiper(port, seeds = [], ip_to_bind) or new Gossiper({ port, seeds, address, ... })
+   */
+  constructor(portOrOptions, seeds = [], ipToBind = undefined) {
+    super()
+    const options = normalizeOptions(portOrOptions, seeds, ipToBind)
+    this._options = Object.freeze(options)
+    this.peer_name = undefined
+    this._keepAlive = null
+    this._referenced = true
+    // Events are queued decoders; one being drained is at the head.
+    this._backlog = []
+    // The native side must not keep this object alive, or it could never be collected.
+    const self = new WeakRef(this)
+    this._native = new NativeGossiper({
+      port: options.port,
+      address: options.address,
+      seeds: options.seeds,
+      clusterName: options.clusterName,
+      gossipIntervalMs: options.gossipInterval,
+      phiThreshold: options.phiThreshold,
+      maxIntervalMs: options.maxInterval,
+      deadPeerTtlMs: options.deadPeerTtl,
+      pushFanout: options.pushFanout,
+      connectTimeoutMs: options.connectTimeout,
+      idleTimeoutMs: options.idleTimeout,
+      maxFrameBytes: options.maxFrameBytes,
+      maxKeyBytes: options.maxKeyBytes,
+      maxValueBytes: options.maxValueBytes,
+      maxPeersPerMessage: options.maxPeersPerMessage,
+      maxInboundConnections: options.maxInboundConnections,
+    }, (batch) => self.deref()?._receive(batch))
+  }
+
+  /** The options in force, defaults filled in. */
+  get options() {
+    return this._options
+  }
+
+  /** Listens, then gossips. Resolves (and calls back) once listening; peer_name is set already. */
+  start(callback) {
+    if (this._native.isRunning()) {
+      throw Object.assign(new Error(`Gossiper ${this.peer_name} is already started`), { code: 'ERR_GOSSIP_RUNNING' })
+    }
+    const outcome = this._native.start()
+    if (outcome.name === undefined || outcome.name === null) {
+      const error = Object.assign(new Error(`${outcome.code}: ${outcome.message}`), {
+        code: outcome.code,
+        port: this._options.port,
+        address: this._options.address,
+      })
+      return settle(Promise.reject(error), callback)
+    }
+    this.peer_name = outcome.name
+    running.add(this)
+    this._keepAlive = setInterval(() => {}, 2 ** 31 - 1)
+    if (!this._referenced) this._keepAlive.unref()
+    return settle(Promise.resolve(), callback)
+  }
+
+  /** Announces the departure, stops listening and gossiping; local state is kept. */
+  stop(callback) {
+    clearInterval(this._keepAlive)
+    this._keepAlive = null
+    const stopped = this._native.stop().then(() => { running.delete(this) })
+    return settle(stopped, callback)
+  }
+
+  /** Lets the process exit while this gossiper runs, as server.unref() does. */
+  unref() {
+    this._referenced = false
+    this._keepAlive?.unref()
+    return this
+  }
+
+  ref() {
+    this._referenced = true
+    this._keepAlive?.ref()
+    return this
+  }
+
+  setLocalState(key, value) {
+    checkKey(key)
+    if (Buffer.byteLength(key) > this._options.maxKeyBytes) {
+      throw rangeError(`The "key" argument must be at most ${this._options.maxKeyBytes} bytes (the maxKeyBytes option)`)
+    }
+    const encoded = encodeValue(value, 'value')
+    if (encoded.length > this._options.maxValueBytes) {
+      throw rangeError(`The "value" argument encodes to ${encoded.length} bytes, over the maxValueBytes option (${this._options.maxValueBytes})`)
+    }
+    this._native.setLocalState(key, encoded)
+  }
+
+  getLocalState(key) {
+    checkKey(key)
+    return decodeOptional(this._native.localValue(key))
+  }
+
+  peerValue(peer, key) {
+    checkPeer(peer)
+    checkKey(key)
+    return decodeOptional(this._native.peerValue(peer, key))
+  }
+
+  peerKeys(peer) {
+    checkPeer(peer)
+    return this._native.peerKeys(peer)
+  }
+
+  allPeers() {
+    return this._native.peers()
+  }
+
+  livePeers() {
+    return this._native.peers(true)
+  }
+
+  deadPeers() {
+    return this._native.peers(false)
+  }
+
+  /** Per-peer detail: generation, heartbeat, maxVersion, live, left and current phi. */
+  peerDetails() {
+    return this._native.peerDetails()
+  }
+
+  /** Engine counters: messages, bytes, exchanges, pushes, and frames rejected by reason. */
+  stats() {
+    return this._native.stats()
+  }
+
+  _receive(batch) {
+    if (batch.length === 0) return
+    this._backlog.push({ decoder: new Decoder(batch), peer: undefined, remaining: 0 })
+    if (this._backlog.length === 1) this._drain()
+  }
+
+  // Emits queued events in order. If a listener throws, the error propagates as from any
+  // EventEmitter, and the events after it are still delivered, on the next turn.
+  _drain() {
+    let finished = false
+    try {
+      while (this._backlog.length > 0) {
+        const cursor = this._backlog[0]
+        const d = cursor.decoder
+        for (;;) {
+          while (cursor.remaining > 0) {
+            cursor.remaining--
+            const key = d.next()
+            this.emit('update', cursor.peer, key, d.next())
+          }
+          if (d.done()) break
+          const kind = d.next()
+          cursor.peer = d.next()
+          if (kind === 0) cursor.remaining = d.next()
+          else this.emit(EVENT_NAMES[kind], cursor.peer)
+        }
+        this._backlog.shift()
+      }
+      finished = true
+    } finally {
+      if (!finished) setImmediate(() => this._drain())
+    }
+  }
+}
+
+function decodeOptional(encoded) {
+  return encoded === null || encoded === undefined ? undefined : decodeValue(encoded)
+}
+
+module.exports = { Gossiper, DEFAULTS }
+module.exports.default = module.exports
