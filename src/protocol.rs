@@ -370,16 +370,20 @@ impl Cluster {
                 Some(node) if node.generation > entry.generation => {
                     deltas.push(node.delta(&entry.name, 0, &mut budget));
                 }
-                Some(_) if is_self => {}
-                Some(node) if node.generation < entry.generation => requests.push(request(entry, 0)),
+                // Nobody knows more about us than we do: never ask about ourselves.
+                Some(node) if node.generation < entry.generation => {
+                    if !is_self {
+                        requests.push(request(entry, 0));
+                    }
+                }
                 Some(node) => {
                     if node.max_version > entry.max_version || node.heartbeat > entry.heartbeat {
                         deltas.push(node.delta(&entry.name, entry.max_version, &mut budget));
                     }
-                    if entry.max_version > node.max_version {
+                    if !is_self && entry.max_version > node.max_version {
                         requests.push(request(entry, node.max_version));
                     }
-                    if entry.heartbeat > node.heartbeat {
+                    if !is_self && entry.heartbeat > node.heartbeat {
                         self.observe_heartbeat(&entry.name, entry.heartbeat, now);
                     }
                 }
@@ -550,7 +554,7 @@ impl Cluster {
             targets.push(Target::Peer((*peer).clone()));
         }
         if let Some(peer) = dead.choose(rng) {
-            if rng.gen_bool(dead.len() as f64 / (live.len() + 1) as f64) {
+            if rng.gen_bool((dead.len() as f64 / (live.len() + 1) as f64).min(1.0)) {
                 targets.push(Target::Peer((*peer).clone()));
             }
         }
@@ -590,3 +594,431 @@ pub fn check_local_write(key: &str, value: &[u8], limits: &Limits) -> Result<(),
     wire::check_key_value(key, value, limits)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+    use std::sync::Mutex;
+
+    /// Records events as text, the way a listener would see them.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl EventSink for Recorder {
+        fn emit(&self, event: Event<'_>) {
+            let text = match event {
+                Event::NewPeer(p) => format!("new_peer {p}"),
+                Event::Update { peer, key, value } => format!("update {peer} {key} {value:02x?}"),
+                Event::PeerAlive(p) => format!("peer_alive {p}"),
+                Event::PeerFailed(p) => format!("peer_failed {p}"),
+            };
+            self.0.lock().unwrap().push(text);
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut self.0.lock().unwrap())
+        }
+    }
+
+    struct TestNode {
+        cluster: Cluster,
+        events: Arc<Recorder>,
+    }
+
+    fn node(port: u16, generation: u64, now: Instant) -> TestNode {
+        let events = Arc::new(Recorder::default());
+        let mut cluster = Cluster::new(Arc::new(Settings::default()), events.clone());
+        cluster.begin_incarnation(format!("127.0.0.1:{port}"), generation, Duration::ZERO);
+        let _ = now;
+        TestNode { cluster, events }
+    }
+
+    /// One full push-pull exchange from `a` to `b`, through the real encoder and decoder.
+    fn exchange(a: &mut Cluster, b: &mut Cluster, now: Instant) {
+        let limits = Limits::default();
+        let roundtrip = |m: wire::Message, from: &str| {
+            let bytes = wire::encode("gossiper", from, &m);
+            wire::decode(&bytes::BytesMut::from(&bytes[..]), "gossiper", &limits).unwrap().1
+        };
+        let wire::Message::Syn { digest } = roundtrip(wire::Message::Syn { digest: a.digest() }, a.name())
+        else { unreachable!() };
+        let (deltas, requests) = b.handle_syn(&digest, now);
+        let wire::Message::SynAck { deltas, requests } =
+            roundtrip(wire::Message::SynAck { deltas, requests }, b.name())
+        else { unreachable!() };
+        let answers = a.handle_syn_ack(deltas, &requests, now);
+        let wire::Message::Ack { deltas } = roundtrip(wire::Message::Ack { deltas: answers }, a.name())
+        else { unreachable!() };
+        b.apply_deltas(deltas, now);
+    }
+
+    fn msgpack(s: &str) -> Bytes {
+        let mut out = vec![0xa0 | s.len() as u8];
+        out.extend_from_slice(s.as_bytes());
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn one_exchange_reconciles_both_ways() {
+        let now = Instant::now();
+        let mut a = node(1, 10, now);
+        let mut b = node(2, 20, now);
+        a.cluster.set_local("ka", msgpack("1"));
+        b.cluster.set_local("kb", msgpack("2"));
+        exchange(&mut a.cluster, &mut b.cluster, now);
+        assert_eq!(a.cluster.node_value("127.0.0.1:2", "kb"), Some(&msgpack("2")));
+        assert_eq!(b.cluster.node_value("127.0.0.1:1", "ka"), Some(&msgpack("1")));
+        assert_eq!(a.events.take(), ["new_peer 127.0.0.1:2", "update 127.0.0.1:2 kb [a1, 32]"]);
+        assert_eq!(b.events.take(), ["new_peer 127.0.0.1:1", "update 127.0.0.1:1 ka [a1, 31]"]);
+        // Nothing new: a second exchange emits nothing and changes nothing.
+        exchange(&mut a.cluster, &mut b.cluster, now);
+        assert!(a.events.take().is_empty() && b.events.take().is_empty());
+    }
+
+    #[test]
+    fn updates_arrive_once_in_version_order() {
+        let now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        for (key, value) in [("x", "1"), ("y", "2"), ("x", "3"), ("z", "4")] {
+            a.cluster.set_local(key, msgpack(value));
+        }
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        let updates: Vec<String> = b.events.take().into_iter().filter(|e| e.starts_with("update")).collect();
+        // x was overwritten: only its latest version travels, in its version's place.
+        assert_eq!(
+            updates,
+            ["update 127.0.0.1:1 y [a1, 32]", "update 127.0.0.1:1 x [a1, 33]", "update 127.0.0.1:1 z [a1, 34]"]
+        );
+        assert_eq!(b.cluster.node_keys("127.0.0.1:1"), ["y", "x", "z"]);
+    }
+
+    #[test]
+    fn equal_value_is_not_a_change() {
+        let now = Instant::now();
+        let mut a = node(1, 1, now);
+        assert!(a.cluster.set_local("k", msgpack("v")));
+        a.cluster.take_unpushed();
+        assert!(!a.cluster.set_local("k", msgpack("v")));
+        assert!(!a.cluster.has_unpushed());
+        assert_eq!(a.cluster.digest()[0].max_version, 1);
+    }
+
+    #[test]
+    fn responder_sends_nodes_the_initiator_lacks() {
+        let now = Instant::now();
+        let mut seed = node(1, 1, now);
+        let mut others: Vec<TestNode> = (2..6).map(|p| node(p, 1, now)).collect();
+        for other in &mut others {
+            exchange(&mut other.cluster, &mut seed.cluster, now);
+        }
+        let mut newcomer = node(9, 1, now);
+        exchange(&mut newcomer.cluster, &mut seed.cluster, now);
+        assert_eq!(newcomer.cluster.peer_names(Some(true)).len(), 5);
+    }
+
+    #[test]
+    fn heartbeats_travel_in_digests_not_as_updates() {
+        let mut now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        exchange(&mut a.cluster, &mut b.cluster, now);
+        a.events.take();
+        b.events.take();
+        for _ in 0..5 {
+            now += Duration::from_secs(1);
+            a.cluster.tick(now, Duration::ZERO);
+            b.cluster.tick(now, Duration::ZERO);
+            exchange(&mut a.cluster, &mut b.cluster, now);
+        }
+        assert_eq!(b.cluster.peer_infos(now)[0].heartbeat, 5);
+        assert_eq!(a.cluster.peer_infos(now)[0].heartbeat, 5);
+        assert!(a.events.take().is_empty() && b.events.take().is_empty());
+        assert!(a.cluster.node_keys("127.0.0.1:2").is_empty());
+    }
+
+    #[test]
+    fn new_generation_replaces_old_state_and_old_data_is_ignored() {
+        let now = Instant::now();
+        let mut a = node(1, 100, now);
+        let mut b = node(2, 1, now);
+        a.cluster.set_local("v", msgpack("old"));
+        a.cluster.set_local("gone", msgpack("x"));
+        exchange(&mut a.cluster, &mut b.cluster, now);
+        let stale_a = a.cluster.digest();
+
+        // The process restarts on the same address: a fresh state and a higher generation.
+        let mut restarted = node(1, 200, now);
+        restarted.cluster.set_local("v", msgpack("new"));
+        exchange(&mut restarted.cluster, &mut b.cluster, now);
+        assert_eq!(b.cluster.node_value("127.0.0.1:1", "v"), Some(&msgpack("new")));
+        assert_eq!(b.cluster.node_keys("127.0.0.1:1"), ["v"]);
+
+        // A peer still holding the old incarnation cannot bring its values back.
+        let (deltas, requests) = b.cluster.handle_syn(&stale_a, now);
+        assert!(requests.is_empty());
+        assert_eq!(deltas.iter().find(|d| d.name == "127.0.0.1:1").unwrap().generation, 200);
+        b.cluster.apply_deltas(
+            vec![NodeDelta {
+                name: "127.0.0.1:1".into(),
+                generation: 100,
+                heartbeat: 99,
+                from_version: 0,
+                to_version: 2,
+                left: false,
+                kvs: vec![KeyValue { key: "v".into(), version: 1, value: msgpack("old") }],
+            }],
+            now,
+        );
+        assert_eq!(b.cluster.node_value("127.0.0.1:1", "v"), Some(&msgpack("new")));
+    }
+
+    #[test]
+    fn restart_keeps_local_values_under_the_new_generation() {
+        let now = Instant::now();
+        let mut a = node(1, 1, now);
+        a.cluster.set_local("x", msgpack("1"));
+        a.cluster.set_local("y", msgpack("2"));
+        a.cluster.set_local("x", msgpack("3"));
+        a.cluster.begin_incarnation("127.0.0.1:1".into(), 2, Duration::ZERO);
+        let digest = a.cluster.digest();
+        assert_eq!((digest[0].generation, digest[0].max_version, digest[0].heartbeat), (2, 2, 0));
+        assert_eq!(a.cluster.node_keys("127.0.0.1:1"), ["y", "x"]);
+        assert_eq!(a.cluster.local_value("x"), Some(&msgpack("3")));
+    }
+
+    #[test]
+    fn deltas_with_a_gap_are_not_applied() {
+        let now = Instant::now();
+        let mut b = node(2, 1, now);
+        let delta = |from, to, version| NodeDelta {
+            name: "127.0.0.1:1".into(),
+            generation: 1,
+            heartbeat: 1,
+            from_version: from,
+            to_version: to,
+            left: false,
+            kvs: vec![KeyValue { key: format!("k{version}"), version, value: msgpack("v") }],
+        };
+        b.cluster.apply_deltas(vec![delta(0, 1, 1)], now);
+        b.cluster.apply_deltas(vec![delta(5, 6, 6)], now);
+        assert_eq!(b.cluster.node_keys("127.0.0.1:1"), ["k1"]);
+        assert_eq!(b.cluster.digest()[1].max_version, 1);
+        b.cluster.apply_deltas(vec![delta(1, 2, 2)], now);
+        assert_eq!(b.cluster.node_keys("127.0.0.1:1"), ["k1", "k2"]);
+    }
+
+    #[test]
+    fn oversized_state_is_cut_at_a_version_boundary() {
+        let now = Instant::now();
+        let settings = Settings {
+            limits: Limits { max_frame_bytes: 4096, ..Limits::default() },
+            ..Settings::default()
+        };
+        let events = Arc::new(Recorder::default());
+        let mut a = Cluster::new(Arc::new(settings.clone()), events.clone());
+        a.begin_incarnation("127.0.0.1:1".into(), 1, Duration::ZERO);
+        let mut b = Cluster::new(Arc::new(settings), Arc::new(Recorder::default()));
+        b.begin_incarnation("127.0.0.1:2".into(), 1, Duration::ZERO);
+        for i in 0..100 {
+            a.set_local(&format!("key{i}"), msgpack("0123456789012345678901234567890"));
+        }
+        let mut rounds = 0;
+        while b.node_keys("127.0.0.1:1").len() < 100 {
+            exchange(&mut b, &mut a, now);
+            rounds += 1;
+            assert!(rounds < 20, "state never completed");
+            let keys = b.node_keys("127.0.0.1:1");
+            let expected: Vec<String> = (0..keys.len()).map(|i| format!("key{i}")).collect();
+            assert_eq!(keys, expected, "a prefix in version order");
+        }
+        assert!(rounds > 1);
+    }
+
+    #[test]
+    fn silent_peer_is_convicted_and_revived_once_each() {
+        let mut now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        for _ in 0..30 {
+            now += Duration::from_secs(1);
+            b.cluster.tick(now, Duration::ZERO);
+            exchange(&mut b.cluster, &mut a.cluster, now);
+        }
+        a.events.take();
+        let mut failed_after = None;
+        for second in 1..=30 {
+            now += Duration::from_secs(1);
+            a.cluster.tick(now, Duration::ZERO);
+            if failed_after.is_none() && !a.events.take().is_empty() {
+                failed_after = Some(second);
+            }
+        }
+        // phi > 8 after about 18.4 mean intervals of silence.
+        assert_eq!(failed_after, Some(19));
+        assert_eq!(a.cluster.peer_names(Some(false)), ["127.0.0.1:2"]);
+        b.cluster.tick(now, Duration::ZERO);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        assert_eq!(a.events.take(), ["peer_alive 127.0.0.1:2"]);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        assert!(a.events.take().is_empty());
+    }
+
+    #[test]
+    fn stalled_ticks_do_not_convict() {
+        let mut now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        for _ in 0..10 {
+            now += Duration::from_secs(1);
+            b.cluster.tick(now, Duration::ZERO);
+            exchange(&mut b.cluster, &mut a.cluster, now);
+        }
+        now += Duration::from_secs(60);
+        a.cluster.tick(now, Duration::from_secs(59));
+        assert_eq!(a.cluster.peer_names(Some(true)), ["127.0.0.1:2"]);
+    }
+
+    #[test]
+    fn peer_heard_of_but_never_heard_from_is_convicted() {
+        let mut now = Instant::now();
+        let mut a = node(1, 1, now);
+        a.cluster.apply_deltas(
+            vec![NodeDelta {
+                name: "127.0.0.1:7".into(),
+                generation: 1,
+                heartbeat: 1,
+                from_version: 0,
+                to_version: 0,
+                left: false,
+                kvs: vec![],
+            }],
+            now,
+        );
+        for _ in 0..25 {
+            now += Duration::from_secs(1);
+            a.cluster.tick(now, Duration::ZERO);
+        }
+        assert_eq!(a.cluster.peer_names(Some(false)), ["127.0.0.1:7"]);
+    }
+
+    #[test]
+    fn leave_marks_the_node_failed_at_once_and_spreads() {
+        let now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        let mut c = node(3, 1, now);
+        exchange(&mut a.cluster, &mut b.cluster, now);
+        exchange(&mut c.cluster, &mut b.cluster, now);
+        exchange(&mut a.cluster, &mut b.cluster, now);
+        b.events.take();
+        c.events.take();
+        a.cluster.leave();
+        let pushed = a.cluster.take_unpushed();
+        b.cluster.apply_deltas(pushed, now);
+        assert_eq!(b.events.take(), ["peer_failed 127.0.0.1:1"]);
+        // b relays what was new to it.
+        let relayed = b.cluster.take_unpushed();
+        assert_eq!(relayed.len(), 1);
+        c.cluster.apply_deltas(relayed, now);
+        assert_eq!(c.events.take(), ["peer_failed 127.0.0.1:1"]);
+        assert!(!b.cluster.has_unpushed() && !c.cluster.take_unpushed().is_empty());
+        // Heartbeats of a node that left do not revive it; its next generation does.
+        b.cluster.apply_deltas(a.cluster.take_unpushed(), now);
+        assert!(b.events.take().is_empty());
+        a.cluster.begin_incarnation("127.0.0.1:1".into(), 2, Duration::ZERO);
+        exchange(&mut a.cluster, &mut b.cluster, now);
+        assert_eq!(b.events.take(), ["peer_alive 127.0.0.1:1"]);
+    }
+
+    #[test]
+    fn dead_peers_are_forgotten_and_stay_forgotten() {
+        let mut now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        let stale = b.cluster.digest();
+        now += Duration::from_secs(60);
+        a.cluster.tick(now, Duration::ZERO);
+        now += Duration::from_secs(24 * 3600);
+        a.cluster.tick(now, Duration::ZERO);
+        assert!(a.cluster.peer_names(None).is_empty());
+        let (_, requests) = a.cluster.handle_syn(&stale, now);
+        assert!(requests.iter().all(|r| r.name != "127.0.0.1:2"));
+    }
+
+    #[test]
+    fn gossip_targets_follow_cassandra() {
+        let now = Instant::now();
+        let mut a = node(1, 1, now);
+        let seeds = vec!["127.0.0.1:1".to_string(), "127.0.0.1:50".to_string()];
+        let mut rng = SmallRng::seed_from_u64(7);
+        // Nobody live: always a seed, never ourselves.
+        for _ in 0..100 {
+            assert_eq!(a.cluster.gossip_targets(&seeds, &mut rng), [Target::Seed("127.0.0.1:50".into())]);
+        }
+        let mut peers: Vec<TestNode> = (2..12).map(|p| node(p, 1, now)).collect();
+        for p in &mut peers {
+            exchange(&mut p.cluster, &mut a.cluster, now);
+        }
+        let (mut live_targets, mut seed_targets) = (0, 0);
+        for _ in 0..1000 {
+            let targets = a.cluster.gossip_targets(&seeds, &mut rng);
+            assert!(matches!(targets[0], Target::Peer(_)));
+            live_targets += 1;
+            seed_targets += targets.iter().filter(|t| matches!(t, Target::Seed(_))).count();
+        }
+        assert_eq!(live_targets, 1000);
+        // One seed besides ourselves among 10 known peers: about one round in ten.
+        assert!((50..=150).contains(&seed_targets), "{seed_targets}");
+        // Failed peers are tried with probability failed/(live+1).
+        let mut now = now;
+        for _ in 0..30 {
+            now += Duration::from_secs(1);
+            a.cluster.tick(now, Duration::ZERO);
+        }
+        assert_eq!(a.cluster.peer_names(Some(true)).len(), 0);
+        let targets = a.cluster.gossip_targets(&seeds, &mut rng);
+        assert!(targets.contains(&Target::Seed("127.0.0.1:50".into())));
+        assert!(matches!(targets[0], Target::Peer(_)), "a failed peer with probability 10/1");
+    }
+
+    #[test]
+    fn seeded_cluster_converges_in_few_rounds() {
+        for seed in [1u64, 2, 3, 4, 5] {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let mut now = Instant::now();
+            let seeds = vec!["127.0.0.1:1000".to_string()];
+            let mut nodes: Vec<TestNode> = (0..50).map(|i| node(1000 + i, 1, now)).collect();
+            nodes[17].cluster.set_local("hi", msgpack("there"));
+            let mut rounds = 0;
+            while nodes.iter().any(|n| n.cluster.peer_names(Some(true)).len() < 49
+                || (n.cluster.name() != "127.0.0.1:1017" && n.cluster.node_value("127.0.0.1:1017", "hi").is_none()))
+            {
+                rounds += 1;
+                assert!(rounds <= 30, "seed {seed}: no convergence in 30 rounds");
+                now += Duration::from_secs(1);
+                for i in 0..nodes.len() {
+                    nodes[i].cluster.tick(now, Duration::ZERO);
+                    for target in nodes[i].cluster.gossip_targets(&seeds, &mut rng) {
+                        let (Target::Peer(name) | Target::Seed(name)) = target;
+                        let j = (name.rsplit(':').next().unwrap().parse::<usize>().unwrap()) - 1000;
+                        let (a, b) = if i < j {
+                            let (l, r) = nodes.split_at_mut(j);
+                            (&mut l[i].cluster, &mut r[0].cluster)
+                        } else {
+                            let (l, r) = nodes.split_at_mut(i);
+                            (&mut r[0].cluster, &mut l[j].cluster)
+                        };
+                        exchange(a, b, now);
+                    }
+                }
+            }
+            assert!(rounds <= 15, "seed {seed}: {rounds} rounds");
+        }
+    }
+}
