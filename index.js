@@ -25,7 +25,7 @@ const DEFAULTS = Object.freeze({
   phiThreshold: 8,
   maxInterval: 10000,
   deadPeerTtl: 24 * 3600 * 1000,
-  pushFanout: 3,
+  pushFanout: 4,
   connectTimeout: 2000,
   idleTimeout: 5000,
   maxFrameBytes: 4 * 1024 * 1024,

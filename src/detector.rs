@@ -16,6 +16,10 @@ const LOG10_E: f64 = 0.434_294_481_903_251_8;
 pub struct DetectorConfig {
     pub window_size: usize,
     pub max_interval: Duration,
+    /// Rises observed closer together than this add no interval: a heartbeat heard through two
+    /// paths a few milliseconds apart says nothing about the peer's pace, and would collapse
+    /// the mean while the window is young.
+    pub min_interval: Duration,
     /// The mean assumed before any interval was seen: the gossip interval.
     pub bootstrap_interval: Duration,
 }
@@ -23,7 +27,12 @@ pub struct DetectorConfig {
 impl DetectorConfig {
     /// The window of node-gossip and Cassandra, starting from the gossip interval.
     pub fn for_interval(gossip_interval: Duration, max_interval: Duration) -> Self {
-        DetectorConfig { window_size: 1000, max_interval, bootstrap_interval: gossip_interval }
+        DetectorConfig {
+            window_size: 1000,
+            max_interval,
+            min_interval: gossip_interval / 2,
+            bootstrap_interval: gossip_interval,
+        }
     }
 }
 
@@ -41,7 +50,11 @@ pub struct PhiDetector {
 impl PhiDetector {
     pub fn heartbeat(&mut self, now: Instant, config: &DetectorConfig) {
         if let Some(last) = self.last_heartbeat {
-            let capped = now.saturating_duration_since(last).min(config.max_interval);
+            let elapsed = now.saturating_duration_since(last);
+            if elapsed < config.min_interval {
+                return;
+            }
+            let capped = elapsed.min(config.max_interval);
             let interval = capped.as_millis().min(u16::MAX as u128) as u16;
             if self.intervals_ms.len() < config.window_size {
                 self.intervals_ms.push(interval);
@@ -96,11 +109,7 @@ mod tests {
     use super::*;
 
     fn config() -> DetectorConfig {
-        DetectorConfig {
-            window_size: 1000,
-            max_interval: Duration::from_secs(10),
-            bootstrap_interval: Duration::from_secs(1),
-        }
+        DetectorConfig::for_interval(Duration::from_secs(1), Duration::from_secs(10))
     }
 
     fn beat_every(detector: &mut PhiDetector, start: Instant, count: u32, every: Duration) -> Instant {
@@ -173,6 +182,16 @@ mod tests {
         assert_eq!(detector.window_len(), 0);
         assert!(detector.phi(start + Duration::from_secs(19), &config()) > 8.0);
         assert_eq!(PhiDetector::default().phi(start, &config()), 0.0);
+    }
+
+    #[test]
+    fn rises_heard_moments_apart_add_no_interval() {
+        let mut detector = PhiDetector::default();
+        let now = beat_every(&mut detector, Instant::now(), 5, Duration::from_secs(1));
+        detector.heartbeat(now + Duration::from_millis(2), &config());
+        assert_eq!(detector.window_len(), 4);
+        assert_eq!(detector.mean_interval(), Some(Duration::from_secs(1)));
+        assert!(detector.phi(now + Duration::from_secs(2), &config()) < 1.0);
     }
 
     #[test]

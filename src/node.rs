@@ -205,7 +205,8 @@ impl Node {
             cluster.leave();
             cluster.take_unpushed()
         };
-        let announce = push_to_peers(&self.shared, deltas, None);
+        let targets = self.shared.cluster().broadcast_targets(&mut SmallRng::from_entropy());
+        let announce = broadcast(&self.shared, deltas, targets);
         let _ = timeout(self.shared.settings.connect_timeout, announce).await;
         running.cancel.cancel();
         running.tasks.close();
@@ -343,7 +344,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cancel: Cancell
 
 /// Responder side of one connection: an exchange, or a push.
 async fn serve(shared: &Shared, mut conn: Connection) {
-    let Some((from, message)) = receive(shared, &mut conn).await else { return };
+    let Some((_, message)) = receive(shared, &mut conn).await else { return };
     match message {
         Message::Syn { digest } => {
             let (deltas, requests) = shared.cluster().handle_syn(&digest, Instant::now());
@@ -352,22 +353,33 @@ async fn serve(shared: &Shared, mut conn: Connection) {
             }
             match receive(shared, &mut conn).await {
                 Some((_, Message::Ack { deltas })) => {
-                    apply(shared, deltas, &from);
+                    apply(shared, deltas);
                     shared.counters.exchanges.fetch_add(1, Relaxed);
                 }
                 Some(_) => shared.counters.reject(Rejection::Unexpected),
                 None => {}
             }
         }
-        Message::Push { deltas } => apply(shared, deltas, &from),
+        Message::Push { deltas, mut forward_to } => {
+            let deltas_to_forward = (!forward_to.is_empty()).then(|| deltas.clone());
+            apply(shared, deltas);
+            if let Some(deltas) = deltas_to_forward {
+                shared.cluster().retain_live(&mut forward_to);
+                broadcast(shared, deltas, forward_to).await;
+            }
+        }
         _ => shared.counters.reject(Rejection::Unexpected),
     }
 }
 
-fn apply(shared: &Shared, deltas: Vec<wire::NodeDelta>, _from: &str) {
-    let mut cluster = shared.cluster();
-    cluster.apply_deltas(deltas, Instant::now());
-    if cluster.has_unpushed() {
+fn apply(shared: &Shared, deltas: Vec<wire::NodeDelta>) {
+    shared.cluster().apply_deltas(deltas, Instant::now());
+    wake_pusher(shared);
+}
+
+/// A change may have waited for peers to push to; an exchange may just have brought them.
+fn wake_pusher(shared: &Shared) {
+    if shared.cluster().has_unpushed() {
         shared.push_wanted.notify_one();
     }
 }
@@ -440,34 +452,34 @@ async fn exchange(shared: &Shared, target: Target, digest: Vec<wire::DigestEntry
         Some(_) => return shared.counters.reject(Rejection::Unexpected),
         None => return,
     };
-    let answers = {
-        let mut cluster = shared.cluster();
-        let answers = cluster.handle_syn_ack(deltas, &requests, Instant::now());
-        if cluster.has_unpushed() {
-            shared.push_wanted.notify_one();
-        }
-        answers
-    };
+    let answers = shared.cluster().handle_syn_ack(deltas, &requests, Instant::now());
+    wake_pusher(shared);
     if send(shared, &mut conn, &Message::Ack { deltas: answers }).await.is_ok() {
         shared.counters.exchanges.fetch_add(1, Relaxed);
     }
 }
 
-/// Sends fresh changes to a few live peers as soon as they appear. Changes made while a push is
-/// under way wait for it and go out together, so a burst of writes costs a few pushes.
+/// Broadcasts local changes as soon as they happen. Changes made while a broadcast is under way
+/// wait for it and go out together, so a burst of writes costs a few broadcasts.
 async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut rng = SmallRng::from_entropy();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = shared.push_wanted.notified() => {}
         }
-        let deltas = shared.cluster().take_unpushed();
-        if deltas.is_empty() {
-            continue;
-        }
+        let (deltas, targets) = {
+            let mut cluster = shared.cluster();
+            let targets = cluster.broadcast_targets(&mut rng);
+            if targets.is_empty() {
+                // Kept until an exchange brings peers (see `wake_pusher`).
+                continue;
+            }
+            (cluster.take_unpushed(), targets)
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = push_to_peers(&shared, deltas, None) => {}
+            _ = broadcast(&shared, deltas, targets) => {}
         }
         if shared.cluster().has_unpushed() {
             shared.push_wanted.notify_one();
@@ -475,21 +487,28 @@ async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
-async fn push_to_peers(shared: &Shared, deltas: Vec<wire::NodeDelta>, except: Option<&str>) {
-    if deltas.is_empty() {
+/// Sends `deltas` to every node in `targets` along a tree: the targets are split into
+/// `push_fanout` shares; the first reachable node of each share gets the push with the rest of
+/// its share to forward, so a broadcast to N nodes takes about log(N) hops. An unreachable node
+/// is skipped by its sender, so a dead peer does not cut off its share.
+async fn broadcast(shared: &Shared, deltas: Vec<wire::NodeDelta>, targets: Vec<String>) {
+    if deltas.is_empty() || targets.is_empty() {
         return;
     }
-    let targets = shared.cluster().push_targets(except, &mut SmallRng::from_entropy());
-    let message = Message::Push { deltas };
-    let pushes = targets.into_iter().map(|peer| {
-        let message = &message;
+    let fanout = shared.settings.push_fanout.max(1);
+    let share_len = targets.len().div_ceil(fanout);
+    let shares = targets.chunks(share_len).map(|share| {
+        let deltas = &deltas;
         async move {
-            if let Some(mut conn) = connect(shared, &Target::Peer(peer)).await {
-                if send(shared, &mut conn, message).await.is_ok() {
+            for (i, peer) in share.iter().enumerate() {
+                let Some(mut conn) = connect(shared, &Target::Peer(peer.clone())).await else { continue };
+                let message = Message::Push { deltas: deltas.clone(), forward_to: share[i + 1..].to_vec() };
+                if send(shared, &mut conn, &message).await.is_ok() {
                     shared.counters.pushes_sent.fetch_add(1, Relaxed);
+                    return;
                 }
             }
         }
     });
-    futures_util::future::join_all(pushes).await;
+    futures_util::future::join_all(shares).await;
 }

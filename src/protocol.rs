@@ -32,7 +32,8 @@ pub struct Settings {
     /// A peer failed for this long is forgotten, and its generation ignored for as long again.
     pub dead_peer_ttl: Duration,
     pub limits: Limits,
-    /// Peers that receive each fresh change at once, and each relay passes it on to.
+    /// Branching of the push tree: a fresh change goes to this many peers at once, each of which
+    /// forwards it to its share of the rest.
     pub push_fanout: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
@@ -49,7 +50,7 @@ impl Default for Settings {
             detector: DetectorConfig::for_interval(gossip_interval, Duration::from_secs(10)),
             dead_peer_ttl: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
-            push_fanout: 3,
+            push_fanout: 4,
             connect_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(5),
             max_inbound_connections: 1024,
@@ -192,8 +193,8 @@ pub struct Cluster {
     peers: HashMap<String, Peer>,
     /// Peers dropped after `dead_peer_ttl`: their generation at that time, and when.
     forgotten: HashMap<String, (u64, Instant)>,
-    /// Nodes changed since the last push: the generation and the version the change starts after.
-    unpushed: HashMap<String, (u64, u64)>,
+    /// Local changes not pushed yet: the generation and the version they start after.
+    unpushed: Option<(u64, u64)>,
     sink: Arc<dyn EventSink>,
 }
 
@@ -205,7 +206,7 @@ impl Cluster {
             local: NodeState::default(),
             peers: HashMap::new(),
             forgotten: HashMap::new(),
-            unpushed: HashMap::new(),
+            unpushed: None,
             sink,
         }
     }
@@ -219,7 +220,8 @@ impl Cluster {
     }
 
     /// Starts a new incarnation. Local keys are kept and re-versioned under the new generation,
-    /// so peers replace the previous incarnation's state with them; `stopped_for` is not held
+    /// so peers replace the previous incarnation's state with them, and the whole local state waits
+    /// to be broadcast. `stopped_for` is not held
     /// against peers we could not hear while stopped.
     pub fn begin_incarnation(&mut self, name: String, generation: u64, stopped_for: Duration) {
         let old = std::mem::replace(&mut self.local, NodeState::new(generation));
@@ -229,7 +231,8 @@ impl Cluster {
         }
         self.peers.remove(&name);
         self.name = name;
-        self.unpushed.clear();
+        // Announce the new incarnation, and everything it holds, as soon as anyone is known.
+        self.unpushed = Some((generation, 0));
         for peer in self.peers.values_mut() {
             peer.detector.forgive(stopped_for);
         }
@@ -242,7 +245,7 @@ impl Cluster {
         }
         let from = self.local.max_version;
         self.local.insert(key.to_owned(), from + 1, value);
-        self.mark_unpushed(self.name.clone(), self.local.generation, from);
+        self.mark_unpushed(from);
         true
     }
 
@@ -255,13 +258,13 @@ impl Cluster {
         let from = self.local.max_version;
         self.local.left = true;
         self.local.max_version += 1;
-        self.mark_unpushed(self.name.clone(), self.local.generation, from);
+        self.mark_unpushed(from);
     }
 
-    fn mark_unpushed(&mut self, name: String, generation: u64, from: u64) {
-        let entry = self.unpushed.entry(name).or_insert((generation, from));
-        if entry.0 != generation {
-            *entry = (generation, from);
+    fn mark_unpushed(&mut self, from: u64) {
+        let generation = self.local.generation;
+        if self.unpushed.is_none_or(|(g, _)| g != generation) {
+            self.unpushed = Some((generation, from));
         }
     }
 
@@ -418,7 +421,7 @@ impl Cluster {
             .collect()
     }
 
-    /// Applies deltas from any message, and queues what was new to us for relaying.
+    /// Applies deltas from any message.
     pub fn apply_deltas(&mut self, deltas: Vec<NodeDelta>, now: Instant) {
         for delta in deltas {
             self.apply_delta(delta, now);
@@ -470,7 +473,6 @@ impl Cluster {
         if delta.from_version > state.max_version || delta.to_version <= state.max_version && !delta.left {
             return;
         }
-        let from = state.max_version;
         for kv in delta.kvs {
             if kv.version > state.max_version {
                 sink.emit(Event::Update { peer: &delta.name, key: &kv.key, value: &kv.value });
@@ -487,10 +489,6 @@ impl Cluster {
                 sink.emit(Event::PeerFailed(&delta.name));
             }
         }
-        let generation = delta.generation;
-        if state.max_version > from || delta.left {
-            self.mark_unpushed(delta.name, generation, from);
-        }
     }
 
     fn observe_heartbeat(&mut self, name: &str, heartbeat: u64, now: Instant) {
@@ -500,37 +498,32 @@ impl Cluster {
         }
     }
 
-    /// Fresh changes to push, each from where it started, oldest first, within one frame.
+    /// Local changes to push, from where they started, within one frame; the rest stays queued.
     pub fn take_unpushed(&mut self) -> Vec<NodeDelta> {
-        let mut budget = self.settings.delta_budget();
-        let unpushed = std::mem::take(&mut self.unpushed);
-        let mut deltas = Vec::with_capacity(unpushed.len());
-        for (name, (generation, from)) in unpushed {
-            let Some(node) = self.node(&name) else { continue };
-            let from = if node.generation == generation { from } else { 0 };
-            let delta = node.delta(&name, from, &mut budget);
-            if delta.to_version < node.max_version {
-                // Cut by the budget: the rest goes in the next push.
-                self.unpushed.insert(name, (node.generation, delta.to_version));
-            }
-            deltas.push(delta);
+        let Some((generation, from)) = self.unpushed.take() else { return Vec::new() };
+        let from = if generation == self.local.generation { from } else { 0 };
+        let delta = self.local.delta(&self.name, from, &mut self.settings.delta_budget());
+        if delta.to_version < self.local.max_version {
+            self.unpushed = Some((self.local.generation, delta.to_version));
         }
-        deltas
+        vec![delta]
     }
 
     pub fn has_unpushed(&self) -> bool {
-        !self.unpushed.is_empty()
+        self.unpushed.is_some()
     }
 
-    /// Live peers to push to, at random, leaving out `except` (who told us).
-    pub fn push_targets(&self, except: Option<&str>, rng: &mut impl Rng) -> Vec<String> {
-        let live: Vec<&String> = self
-            .peers
-            .iter()
-            .filter(|(n, p)| p.live && Some(n.as_str()) != except)
-            .map(|(n, _)| n)
-            .collect();
-        live.choose_multiple(rng, self.settings.push_fanout).map(|n| (*n).clone()).collect()
+    /// Every live peer, shuffled: the recipients of a broadcast we start.
+    pub fn broadcast_targets(&self, rng: &mut impl Rng) -> Vec<String> {
+        let mut live: Vec<String> =
+            self.peers.iter().filter(|(_, p)| p.live).map(|(n, _)| n.clone()).collect();
+        live.shuffle(rng);
+        live
+    }
+
+    /// Keeps the names that are live peers: a push may only make us contact nodes we know.
+    pub fn retain_live(&self, names: &mut Vec<String>) {
+        names.retain(|n| self.peers.get(n).is_some_and(|p| p.live));
     }
 
     /// Cassandra's choice of whom to gossip with this round: one live peer; a failed one with
@@ -917,18 +910,18 @@ mod tests {
         exchange(&mut a.cluster, &mut b.cluster, now);
         b.events.take();
         c.events.take();
+        b.cluster.take_unpushed();
         a.cluster.leave();
         let pushed = a.cluster.take_unpushed();
-        b.cluster.apply_deltas(pushed, now);
+        b.cluster.apply_deltas(pushed.clone(), now);
         assert_eq!(b.events.take(), ["peer_failed 127.0.0.1:1"]);
-        // b relays what was new to it.
-        let relayed = b.cluster.take_unpushed();
-        assert_eq!(relayed.len(), 1);
-        c.cluster.apply_deltas(relayed, now);
+        assert!(!b.cluster.has_unpushed(), "only the origin starts a broadcast");
+        // Anti-entropy spreads it too.
+        exchange(&mut c.cluster, &mut b.cluster, now);
         assert_eq!(c.events.take(), ["peer_failed 127.0.0.1:1"]);
-        assert!(!b.cluster.has_unpushed() && !c.cluster.take_unpushed().is_empty());
         // Heartbeats of a node that left do not revive it; its next generation does.
-        b.cluster.apply_deltas(a.cluster.take_unpushed(), now);
+        a.cluster.tick(now, Duration::ZERO);
+        exchange(&mut a.cluster, &mut b.cluster, now);
         assert!(b.events.take().is_empty());
         a.cluster.begin_incarnation("127.0.0.1:1".into(), 2, Duration::ZERO);
         exchange(&mut a.cluster, &mut b.cluster, now);

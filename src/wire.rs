@@ -105,8 +105,9 @@ pub enum Message {
     SynAck { deltas: Vec<NodeDelta>, requests: Vec<Request> },
     /// Initiator → responder: the requested deltas. Ends the exchange.
     Ack { deltas: Vec<NodeDelta> },
-    /// Fresh changes sent at once, without a digest; the receiver passes on what was new to it.
-    Push { deltas: Vec<NodeDelta> },
+    /// A fresh change, broadcast down a tree: the receiver applies `deltas`, then sends them on
+    /// to `forward_to`, split among a few peers that each take a share of the rest.
+    Push { deltas: Vec<NodeDelta>, forward_to: Vec<String> },
 }
 
 impl Message {
@@ -183,9 +184,8 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
         Message::SynAck { deltas, requests } => {
             rmp_serde::encode::write(&mut out, &(deltas, requests))
         }
-        Message::Ack { deltas } | Message::Push { deltas } => {
-            rmp_serde::encode::write(&mut out, &(deltas,))
-        }
+        Message::Ack { deltas } => rmp_serde::encode::write(&mut out, &(deltas,)),
+        Message::Push { deltas, forward_to } => rmp_serde::encode::write(&mut out, &(deltas, forward_to)),
     }
     .expect("message encodes");
     Bytes::from(out)
@@ -216,7 +216,10 @@ pub fn decode(
             Message::SynAck { deltas, requests }
         }
         3 => Message::Ack { deltas: read::<(Vec<NodeDelta>,)>(&mut de)?.0 },
-        4 => Message::Push { deltas: read::<(Vec<NodeDelta>,)>(&mut de)?.0 },
+        4 => {
+            let (deltas, forward_to): (Vec<NodeDelta>, Vec<String>) = read(&mut de)?;
+            Message::Push { deltas, forward_to }
+        }
         _ => return Err(Rejection::UnknownKind),
     };
     if !de.get_ref().is_empty() {
@@ -317,7 +320,14 @@ fn check_message(message: &Message, limits: &Limits) -> Result<(), Rejection> {
             }
             check_deltas(deltas, limits)
         }
-        Message::Ack { deltas } | Message::Push { deltas } => check_deltas(deltas, limits),
+        Message::Ack { deltas } => check_deltas(deltas, limits),
+        Message::Push { deltas, forward_to } => {
+            if forward_to.len() > limits.max_peers_per_message {
+                return Err(Rejection::OutOfBounds);
+            }
+            forward_to.iter().try_for_each(|name| check_name(name))?;
+            check_deltas(deltas, limits)
+        }
     }
 }
 
@@ -332,7 +342,7 @@ mod tests {
          6b02c402a1769193ad31302e302e302e313a393030300100",
         "9401a163ad31302e302e302e313a3930303003919197ad31302e302e302e323a3930303107030002c29193a1\
          6b02c402a176",
-        "9401a163ad31302e302e302e313a39303030049190",
+        "9401a163ad31302e302e302e313a3930303004929091aa5b3a3a315d3a39303032",
     ];
 
     fn hex(bytes: &[u8]) -> String {
@@ -370,7 +380,7 @@ mod tests {
                 requests: vec![Request { name: "10.0.0.1:9000".into(), generation: 1, from_version: 0 }],
             },
             Message::Ack { deltas: vec![delta()] },
-            Message::Push { deltas: vec![] },
+            Message::Push { deltas: vec![], forward_to: vec!["[::1]:9002".into()] },
         ]
     }
 
@@ -451,22 +461,22 @@ mod tests {
 
         let mut absurd = delta();
         absurd.generation = u64::MAX;
-        assert_eq!(reject(Message::Push { deltas: vec![absurd] }), Err(Rejection::OutOfBounds));
+        assert_eq!(reject(Message::Push { deltas: vec![absurd], forward_to: vec![] }), Err(Rejection::OutOfBounds));
 
         let mut unordered = delta();
         unordered.kvs.push(KeyValue { key: "j".into(), version: 1, value: Bytes::from_static(&[0xc0]) });
-        assert_eq!(reject(Message::Push { deltas: vec![unordered] }), Err(Rejection::OutOfBounds));
+        assert_eq!(reject(Message::Push { deltas: vec![unordered], forward_to: vec![] }), Err(Rejection::OutOfBounds));
 
         let mut not_msgpack = delta();
         not_msgpack.kvs[0].value = Bytes::from_static(&[0xc1]);
-        assert_eq!(reject(Message::Push { deltas: vec![not_msgpack] }), Err(Rejection::BadKeyValue));
+        assert_eq!(reject(Message::Push { deltas: vec![not_msgpack], forward_to: vec![] }), Err(Rejection::BadKeyValue));
 
         let mut empty_key = delta();
         empty_key.kvs[0].key.clear();
-        assert_eq!(reject(Message::Push { deltas: vec![empty_key] }), Err(Rejection::BadKeyValue));
+        assert_eq!(reject(Message::Push { deltas: vec![empty_key], forward_to: vec![] }), Err(Rejection::BadKeyValue));
 
         let tight = Limits { max_peers_per_message: 1, ..Limits::default() };
-        let many = Message::Push { deltas: vec![delta(), delta()] };
+        let many = Message::Push { deltas: vec![delta(), delta()], forward_to: vec![] };
         assert_eq!(
             decode(&frame(&encode("c", "10.0.0.1:9000", &many)), "c", &tight),
             Err(Rejection::OutOfBounds)

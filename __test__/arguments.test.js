@@ -1,0 +1,194 @@
+'use strict'
+// Argument checking: mistakes throw synchronously, as TypeError or RangeError naming the
+// argument; start()/stop() misuse and bind failures are reported the Node way.
+
+const { test } = require('node:test')
+const assert = require('node:assert/strict')
+const { Gossiper } = require('..')
+const { FAST, stopAll } = require('./helpers')
+
+const typeError = (message) => ({ name: 'TypeError', message })
+const rangeError = (message) => ({ name: 'RangeError', message })
+
+test('port: out of range or non-integer is a RangeError, a non-number a TypeError', () => {
+  for (const port of [-1, 65536, 1.5, Infinity]) {
+    assert.throws(() => new Gossiper(port), { ...rangeError(/"port"/), code: 'ERR_OUT_OF_RANGE' }, `port ${port}`)
+    assert.throws(() => new Gossiper({ port }), rangeError(/"port"/), `options port ${port}`)
+  }
+  for (const port of ['9000', null, NaN, true]) {
+    assert.throws(() => new Gossiper(port), { ...typeError(/"port"/), code: 'ERR_INVALID_ARG_TYPE' }, `port ${String(port)}`)
+  }
+  assert.throws(() => new Gossiper({ port: '9000' }), typeError(/"port"/))
+})
+
+test('seeds: not an array, or an entry that is not a valid "host:port", is rejected naming it', () => {
+  assert.throws(() => new Gossiper(9000, 'localhost:9001'), typeError(/"seeds"/))
+  assert.throws(() => new Gossiper(9000, 42), typeError(/"seeds"/))
+  assert.throws(() => new Gossiper({ seeds: { 0: '127.0.0.1:9001' } }), typeError(/"seeds"/))
+  assert.throws(() => new Gossiper(9000, ['nope']), { ...typeError(/"seeds\[0\]"/), code: 'ERR_INVALID_ARG_VALUE' })
+  assert.throws(() => new Gossiper(9000, ['127.0.0.1:9001', 'bad host:1']), typeError(/"seeds\[1\]"/))
+  assert.throws(() => new Gossiper(9000, ['host:99999']), { ...rangeError(/"seeds\[0\]"/), code: 'ERR_OUT_OF_RANGE' })
+  assert.throws(() => new Gossiper(9000, ['host:0']), rangeError(/"seeds\[0\]"/))
+  assert.throws(() => new Gossiper(9000, [42]), { ...typeError(/"seeds\[0\]"/), code: 'ERR_INVALID_ARG_TYPE' })
+  assert.throws(() => new Gossiper(9000, ['[not-ipv6]:80']), typeError(/"seeds\[0\]"/))
+  // Valid forms construct fine.
+  new Gossiper(9000, ['localhost:9001', '127.0.0.1:9002', '[::1]:9003'])
+})
+
+test('ip_to_bind: a string that is not an IP address, or a non-string, is a TypeError', () => {
+  // The positional ip_to_bind is the "address" option; the message uses that name.
+  assert.throws(() => new Gossiper(9000, [], 'not-an-ip'), { ...typeError(/"address".*not-an-ip/), code: 'ERR_INVALID_ARG_VALUE' })
+  assert.throws(() => new Gossiper(9000, [], 'localhost'), typeError(/"address"/))
+  assert.throws(() => new Gossiper(9000, [], 127001), { ...typeError(/"address"/), code: 'ERR_INVALID_ARG_TYPE' })
+  assert.throws(() => new Gossiper({ address: '999.0.0.1' }), typeError(/"address"/))
+  new Gossiper(9000, [], '127.0.0.1')
+  new Gossiper(9000, [], '::1')
+})
+
+test('options: bad gossipInterval, clusterName and limits are rejected naming the option', () => {
+  for (const gossipInterval of [0, -5, 3600e3 + 1, Infinity]) {
+    assert.throws(() => new Gossiper({ gossipInterval }), rangeError(/"gossipInterval"/), String(gossipInterval))
+  }
+  for (const gossipInterval of ['fast', NaN, null, {}]) {
+    assert.throws(() => new Gossiper({ gossipInterval }), typeError(/"gossipInterval"/), String(gossipInterval))
+  }
+  for (const clusterName of ['', 42, null, 'x'.repeat(256), ['c']]) {
+    assert.throws(() => new Gossiper({ clusterName }), typeError(/"clusterName"/), String(clusterName))
+  }
+  assert.throws(() => new Gossiper({ maxFrameBytes: 100 }), rangeError(/"maxFrameBytes"/))
+  assert.throws(() => new Gossiper({ pushFanout: 1.5 }), rangeError(/"pushFanout"/))
+  assert.throws(() => new Gossiper({ maxValueBytes: '1' }), typeError(/"maxValueBytes"/))
+  assert.throws(() => new Gossiper({ phiThreshold: 0 }), rangeError(/"phiThreshold"/))
+  // Fractional intervals are allowed, and undefined options take their defaults.
+  const g = new Gossiper({ gossipInterval: 12.5, clusterName: 'c'.repeat(255), seeds: undefined })
+  assert.equal(g.options.gossipInterval, 12.5)
+  assert.deepEqual(g.options.seeds, [])
+})
+
+test('setLocalState: a bad key or an unencodable value is a TypeError naming it', () => {
+  const g = new Gossiper({ ...FAST, port: 0 })
+  for (const key of [42, null, undefined, Symbol('k'), { toString: () => 'k' }]) {
+    assert.throws(() => g.setLocalState(key, 1), typeError(/"key"/), String(typeof key))
+  }
+  assert.throws(() => g.setLocalState('', 1), { ...typeError(/"key".*empty/), code: 'ERR_INVALID_ARG_VALUE' })
+  assert.throws(() => g.setLocalState('k', () => 1), typeError(/"value".*function/))
+  assert.throws(() => g.setLocalState('k', Symbol('v')), typeError(/"value".*symbol/))
+  assert.throws(() => g.setLocalState('k', 10n), typeError(/"value".*BigInt/))
+  assert.throws(() => g.setLocalState('k', { nested: [1, { fn() {} }] }), typeError(/"value".*function/))
+  const cyclic = { name: 'loop' }
+  cyclic.self = { parent: cyclic }
+  assert.throws(() => g.setLocalState('k', cyclic), typeError(/"value".*cyclic/))
+  const cyclicArray = [1]
+  cyclicArray.push(cyclicArray)
+  assert.throws(() => g.setLocalState('k', cyclicArray), typeError(/"value".*cyclic/))
+  // None of the failed writes stored anything.
+  assert.equal(g.getLocalState('k'), undefined)
+  assert.deepEqual(g.peerKeys(''), [])
+})
+
+test('setLocalState: a value over maxValueBytes or a key over maxKeyBytes is a RangeError', () => {
+  const g = new Gossiper({ ...FAST, port: 0, maxValueBytes: 64, maxKeyBytes: 8 })
+  assert.throws(() => g.setLocalState('k', 'x'.repeat(64)), { ...rangeError(/"value".*maxValueBytes/), code: 'ERR_OUT_OF_RANGE' })
+  assert.throws(() => g.setLocalState('k', { list: Array(70).fill(1) }), rangeError(/maxValueBytes/))
+  assert.throws(() => g.setLocalState('k'.repeat(9), 1), rangeError(/"key".*maxKeyBytes/))
+  // Multi-byte characters count as bytes: 3 × 3 bytes is over 8.
+  assert.throws(() => g.setLocalState('€€€', 1), rangeError(/"key"/))
+  assert.equal(g.getLocalState('k'), undefined)
+  // At the limits exactly, the writes are accepted.
+  g.setLocalState('k'.repeat(8), 'x'.repeat(62))
+  assert.equal(g.getLocalState('k'.repeat(8)), 'x'.repeat(62))
+})
+
+test('peer arguments of the readers must be strings', () => {
+  const g = new Gossiper({ ...FAST, port: 0 })
+  assert.throws(() => g.peerValue(42, 'k'), typeError(/"peer"/))
+  assert.throws(() => g.peerValue('127.0.0.1:1', 42), typeError(/"key"/))
+  assert.throws(() => g.peerKeys(undefined), typeError(/"peer"/))
+  assert.throws(() => g.getLocalState(''), typeError(/"key"/))
+})
+
+test('start() twice throws ERR_GOSSIP_RUNNING synchronously; stop() twice is safe', async () => {
+  const g = new Gossiper({ ...FAST, port: 0 })
+  try {
+    await g.start()
+    const name = g.peer_name
+    assert.match(name, /^127\.0\.0\.1:\d+$/)
+    assert.throws(() => g.start(), { name: 'Error', code: 'ERR_GOSSIP_RUNNING' })
+    assert.throws(() => g.start(() => assert.fail('callback of a refused start')), { code: 'ERR_GOSSIP_RUNNING' })
+    assert.equal(g.peer_name, name)
+    await g.stop()
+    await g.stop()
+    await Promise.all([g.stop(), g.stop()])
+    await new Promise((resolve, reject) => g.stop((error) => (error ? reject(error) : resolve())))
+    // Stopped for good: starting again is allowed.
+    await g.start()
+    assert.equal(g.peer_name, name)
+  } finally {
+    await stopAll([g])
+  }
+})
+
+test('stop() of a gossiper that never started resolves', async () => {
+  const g = new Gossiper({ ...FAST, port: 0 })
+  await g.stop()
+  await new Promise((resolve, reject) => g.stop((error) => (error ? reject(error) : resolve())))
+  assert.equal(g.peer_name, undefined)
+})
+
+test('start(callback) and stop(callback) call back with null on success', async () => {
+  const g = new Gossiper({ ...FAST, port: 0 })
+  try {
+    const started = await new Promise((resolve) => {
+      const returned = g.start((error) => resolve({ error, nameAtCallback: g.peer_name }))
+      assert.ok(returned instanceof Promise)
+      assert.match(g.peer_name, /^127\.0\.0\.1:\d+$/, 'peer_name is set synchronously by start()')
+    })
+    assert.equal(started.error, null)
+    const stopped = await new Promise((resolve) => g.stop(resolve))
+    assert.equal(stopped, null)
+  } finally {
+    await stopAll([g])
+  }
+})
+
+test('binding a port in use rejects with EADDRINUSE and passes the error to the callback', async () => {
+  const first = new Gossiper({ ...FAST, port: 0 })
+  const second = new Gossiper({ ...FAST, port: 0 })
+  try {
+    await first.start()
+    const port = Number(first.peer_name.split(':')[1])
+    const taken = new Gossiper({ port, address: '127.0.0.1', gossipInterval: 50 })
+    await assert.rejects(taken.start(), { code: 'EADDRINUSE', port, address: '127.0.0.1' })
+    assert.equal(taken.peer_name, undefined)
+
+    const viaCallback = new Gossiper(port, [], '127.0.0.1')
+    const error = await new Promise((resolve) => {
+      // The returned promise rejects too; the callback saw the error, so that must not be unhandled.
+      viaCallback.start(resolve).catch(() => {})
+    })
+    assert.ok(error instanceof Error)
+    assert.equal(error.code, 'EADDRINUSE')
+
+    // A failed start leaves the gossiper stopped: stop() is fine and other nodes are unaffected.
+    await taken.stop()
+    await viaCallback.stop()
+    await second.start()
+    assert.notEqual(second.peer_name, first.peer_name)
+  } finally {
+    await stopAll([first, second])
+  }
+})
+
+test('start() with a non-function callback throws and leaves the gossiper stopped', {
+  todo: 'library bug: start() binds and starts before checking the callback (see report)',
+}, async () => {
+  const g = new Gossiper({ ...FAST, port: 0 })
+  try {
+    assert.throws(() => g.start('not a function'), typeError(/"callback"/))
+    assert.equal(g.peer_name, undefined, 'no name: the gossiper did not start')
+    // With the bug, the gossiper is running: this second start throws ERR_GOSSIP_RUNNING.
+    await g.start()
+  } finally {
+    await stopAll([g])
+  }
+})

@@ -1,0 +1,230 @@
+// Typings for index.js, the public API. Written by hand (the engine's generated typings are
+// native.d.ts, which is internal); keep them in step with index.js and src/binding.rs.
+
+import { EventEmitter } from 'node:events'
+
+/**
+ * A value that can be stored under a key and gossiped: anything MessagePack carries.
+ * Binary values arrive at other peers as `Buffer`. `undefined` is sent as `null`; objects with a
+ * `toJSON()` method (such as `Date`) are sent as its result. Functions, symbols, BigInts and
+ * cyclic structures are refused with a TypeError.
+ */
+export type Value =
+  | string
+  | number
+  | boolean
+  | null
+  | Buffer
+  | Uint8Array
+  | Value[]
+  | { [key: string]: Value }
+
+/** The events a Gossiper emits, with their arguments. */
+export interface GossiperEvents {
+  /** A peer's key got a new value, as this node learns it (a fast series of writes may arrive as its last value only). */
+  update: [peer: string, key: string, value: Value]
+  /** A peer was heard of for the first time. */
+  new_peer: [peer: string]
+  /** A peer reported failed is heard from again (heartbeats resumed, or it restarted). */
+  peer_alive: [peer: string]
+  /** A peer was convicted by the failure detector, or announced that it stopped. */
+  peer_failed: [peer: string]
+}
+
+export type GossiperEventName = keyof GossiperEvents
+
+export interface GossiperOptions {
+  /** TCP port to listen on; 0 picks a free one (and keeps it across restarts). Default 0. */
+  port?: number
+  /** Peers to contact first, as `"host:port"` or `"[ipv6]:port"`; hosts are resolved on each contact. Default `[]`. */
+  seeds?: readonly string[]
+  /**
+   * IP address to listen on and to advertise as this node's name. Default: listen on all
+   * interfaces and advertise the local address that routes to the first seed (`127.0.0.1` when
+   * there is none, or when that seed is a loopback address).
+   */
+  address?: string
+  /** Nodes drop every message from a cluster with another name. At most 255 bytes. Default `'gossiper'`. */
+  clusterName?: string
+  /** Milliseconds between gossip rounds (and heartbeats). Default 1000. */
+  gossipInterval?: number
+  /** Phi above which a silent peer is reported failed; 8 is about 18 mean heartbeat intervals. Default 8. */
+  phiThreshold?: number
+  /** Milliseconds: heartbeat gaps longer than this are counted as this long by the failure detector. Default 10000. */
+  maxInterval?: number
+  /** Milliseconds after which a failed (or departed) peer is forgotten. Default 86400000 (24 h). */
+  deadPeerTtl?: number
+  /** Fan-out of the immediate push of this node's fresh writes, ahead of the gossip rounds: peers reached per step (0: leave it to the rounds). Default 3. */
+  pushFanout?: number
+  /** Milliseconds allowed for an outgoing connection (and for announcing a stop). Default 2000. */
+  connectTimeout?: number
+  /** Milliseconds a connection may wait for its next message before it is closed. Default 5000. */
+  idleTimeout?: number
+  /** Largest frame sent or accepted, in bytes. Default 4194304 (4 MiB). */
+  maxFrameBytes?: number
+  /** Largest key, in UTF-8 bytes. Default 1024. */
+  maxKeyBytes?: number
+  /** Largest value, in encoded (MessagePack) bytes. Default 262144 (256 KiB). */
+  maxValueBytes?: number
+  /** Most peer entries one message may carry; larger messages are refused. Default 8192. */
+  maxPeersPerMessage?: number
+  /** Most inbound connections served at once; more are refused. Default 1024. */
+  maxInboundConnections?: number
+}
+
+/** Options with the defaults filled in, as `gossiper.options` returns them. */
+export type ResolvedGossiperOptions = Readonly<Required<Omit<GossiperOptions, 'seeds' | 'address'>>> & {
+  readonly seeds: readonly string[]
+  readonly address: string | undefined
+}
+
+/** What one node knows of one peer, for monitoring. */
+export interface PeerDetail {
+  /** The peer's name, `"ip:port"`. */
+  name: string
+  /** The peer's incarnation: a number (about its start time in ms) that grows with every start. */
+  generation: number
+  /** The peer's latest heartbeat counter known here. */
+  heartbeat: number
+  /** The version of the peer's newest key known here. */
+  maxVersion: number
+  /** Whether the peer is considered alive. */
+  live: boolean
+  /** Whether the peer announced that it stopped. */
+  left: boolean
+  /** Current suspicion level of the failure detector; it is failed above `phiThreshold`. */
+  phi: number
+}
+
+/** Reasons an inbound frame is dropped. */
+export type RejectionReason =
+  /** Not MessagePack of the expected shape, truncated, or with trailing bytes. */
+  | 'malformed'
+  /** Longer than `maxFrameBytes`. */
+  | 'oversized'
+  /** Another protocol version. */
+  | 'wrongVersion'
+  /** Another `clusterName`. */
+  | 'wrongCluster'
+  /** An unknown message kind. */
+  | 'unknownKind'
+  /** A node name that is not a canonical `ip:port`. */
+  | 'badName'
+  /** A key or value outside the limits, or a value that is not one MessagePack value. */
+  | 'badKeyValue'
+  /** Too many entries, or a counter out of range. */
+  | 'outOfBounds'
+  /** Well formed, but not the message expected at that point of an exchange. */
+  | 'unexpected'
+
+/** Engine counters since the Gossiper was created. */
+export interface GossiperStats {
+  messagesSent: number
+  messagesReceived: number
+  bytesSent: number
+  bytesReceived: number
+  /** Push-pull exchanges completed, started by either side. */
+  exchanges: number
+  /** Push messages sent: fresh changes sent to a few random live peers between gossip rounds. */
+  pushesSent: number
+  /** Outgoing connections that failed or timed out. */
+  connectFailures: number
+  /** Inbound connections refused because `maxInboundConnections` were open. */
+  connectionsRefused: number
+  /** Frames dropped, by reason. */
+  rejected: Record<RejectionReason, number>
+}
+
+/** Node-style completion callback of `start` and `stop`. */
+export type GossiperCallback = (err: Error | null) => void
+
+/**
+ * A member of a gossip cluster: shares its own key/value state with every peer, learns theirs,
+ * and reports peers joining, failing and coming back. Listeners are called with `this` set to
+ * the Gossiper.
+ */
+export declare class Gossiper extends EventEmitter {
+  /** The original node-gossip signature. `ip_to_bind` is the `address` option. */
+  constructor(port: number, seeds?: readonly string[], ip_to_bind?: string)
+  constructor(options?: GossiperOptions)
+
+  /** This node's own name, `"ip:port"`; set by `start()`, undefined before the first start. */
+  readonly peer_name: string | undefined
+  /** The options in force, defaults filled in. */
+  readonly options: ResolvedGossiperOptions
+
+  /**
+   * Listens, then gossips every `gossipInterval`. Resolves, and calls back, once listening;
+   * `peer_name` is set by then. Rejects with an error whose `code` is e.g. `'EADDRINUSE'`.
+   * Throws (code `'ERR_GOSSIP_RUNNING'`) if already started. May be called again after `stop()`.
+   */
+  start(callback?: GossiperCallback): Promise<void>
+  /** Announces the departure to peers, stops listening and gossiping; local state is kept. */
+  stop(callback?: GossiperCallback): Promise<void>
+  /** Lets the process exit while this gossiper runs, as `server.unref()` does. */
+  unref(): this
+  /** Undoes `unref()`: a started gossiper keeps the process alive (the default). */
+  ref(): this
+
+  /** Sets a key of this node's state; peers receive it as an 'update' event. */
+  setLocalState(key: string, value: Value): void
+  getLocalState(key: string): Value | undefined
+  /** The latest known value of a peer's key. */
+  peerValue(peer: string, key: string): Value | undefined
+  /** The keys known of a peer; empty for an unknown peer. */
+  peerKeys(peer: string): string[]
+  /** Names (`"ip:port"`) of every known peer, this node excluded. */
+  allPeers(): string[]
+  /** Names of the peers currently considered alive. */
+  livePeers(): string[]
+  /** Names of the peers currently considered failed (and not yet forgotten). */
+  deadPeers(): string[]
+  /** Per-peer detail: generation, heartbeat, maxVersion, live, left and current phi. */
+  peerDetails(): PeerDetail[]
+  /** Engine counters: messages, bytes, exchanges, pushes, and frames rejected by reason. */
+  stats(): GossiperStats
+
+  on(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  on(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
+  on<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
+
+  once(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  once(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
+  once<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
+
+  off(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  off(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
+  off<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
+
+  addListener(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  addListener(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
+  addListener<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
+
+  prependListener(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  prependListener(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
+  prependListener<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
+
+  removeListener(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  removeListener(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
+  removeListener<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
+
+  emit(event: 'update', peer: string, key: string, value: Value): boolean
+  emit(event: 'new_peer' | 'peer_alive' | 'peer_failed', peer: string): boolean
+  emit<E extends string | symbol>(event: E extends GossiperEventName ? never : E, ...args: any[]): boolean
+}
+
+/** The defaults of every option (see `GossiperOptions`). */
+export declare const DEFAULTS: Readonly<Required<Omit<GossiperOptions, 'seeds' | 'address'>>> & {
+  readonly seeds: readonly string[]
+  readonly address: undefined
+}
+
+interface GossiperModule {
+  Gossiper: typeof Gossiper
+  DEFAULTS: typeof DEFAULTS
+  default: GossiperModule
+}
+
+/** `module.exports` itself, for `import gossiper from 'gossiper'`. */
+declare const gossiper: GossiperModule
+export default gossiper
