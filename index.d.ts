@@ -54,7 +54,7 @@ export interface GossiperOptions {
   maxInterval?: number
   /** Milliseconds after which a failed (or departed) peer is forgotten. Default 86400000 (24 h). */
   deadPeerTtl?: number
-  /** Fan-out of the immediate push of this node's fresh writes, ahead of the gossip rounds: peers reached per step (0: leave it to the rounds). Default 3. */
+  /** Branching of the tree that broadcasts fresh writes, departures and new incarnations at once (1-64). Default 4. */
   pushFanout?: number
   /** Milliseconds allowed for an outgoing connection (and for announcing a stop). Default 2000. */
   connectTimeout?: number

@@ -41,7 +41,7 @@ const NUMERIC_OPTIONS = [
   ['phiThreshold', 0.1, 1000],
   ['maxInterval', 1, 65e3],
   ['deadPeerTtl', 1, 365 * 24 * 3600e3],
-  ['pushFanout', 0, 64],
+  ['pushFanout', 1, 64],
   ['connectTimeout', 1, 600e3],
   ['idleTimeout', 1, 600e3],
   ['maxFrameBytes', 1024, 2 ** 31 - 1],
