@@ -124,9 +124,14 @@ function checkPeer(peer) {
   if (typeof peer !== 'string') throw typeError(`The "peer" argument must be a string. Received ${describe(peer)}`)
 }
 
+function checkCallback(callback) {
+  if (callback !== undefined && typeof callback !== 'function') {
+    throw typeError(`The "callback" argument must be a function. Received ${describe(callback)}`)
+  }
+}
+
 function settle(promise, callback) {
   if (callback === undefined) return promise
-  if (typeof callback !== 'function') throw typeError(`The "callback" argument must be a function. Received ${describe(callback)}`)
   promise.then(() => callback(null), callback)
   // The callback saw the error; the returned promise still rejects for whoever awaits it.
   promise.catch(() => {})
@@ -175,6 +180,7 @@ class Gossiper extends EventEmitter {
 
   /** Listens, then gossips. Resolves (and calls back) once listening; peer_name is set already. */
   start(callback) {
+    checkCallback(callback)
     if (this._native.isRunning()) {
       throw Object.assign(new Error(`Gossiper ${this.peer_name} is already started`), { code: 'ERR_GOSSIP_RUNNING' })
     }
@@ -196,6 +202,7 @@ class Gossiper extends EventEmitter {
 
   /** Announces the departure, stops listening and gossiping; local state is kept. */
   stop(callback) {
+    checkCallback(callback)
     clearInterval(this._keepAlive)
     this._keepAlive = null
     const stopped = this._native.stop().then(() => { running.delete(this) })

@@ -5,6 +5,8 @@ const { test } = require('node:test')
 const assert = require('node:assert/strict')
 const { Gossiper } = require('..')
 const { FAST, startCluster, stopAll, waitFor, waitForEvent, waitRounds, record } = require('./helpers')
+const { encodeValue } = require('../values')
+const { push, delta, sendRaw } = require('./frames')
 
 const updatesOf = (events, peer) => events.filter(([name, p]) => name === 'update' && p === peer)
 
@@ -261,5 +263,25 @@ test('a listener that throws does not stop later events from being delivered', a
     process.removeAllListeners('uncaughtException')
     for (const listener of harness) process.on('uncaughtException', listener)
     await stopAll([a, b])
+  }
+})
+
+test("a peer first learned as already departed gets 'peer_failed' after its 'new_peer'", async () => {
+  // What a node sees when a peer's leave announcement is the first it hears of that peer
+  // (a node that stops right after joining): one full delta, marked left. Played here by hand.
+  const [a] = await startCluster(1)
+  try {
+    const events = record(a)
+    const departed = '127.0.0.1:7'
+    const port = Number(a.peer_name.split(':')[1])
+    await sendRaw(port, push([delta(departed, { left: true, kvs: [['hello', 1, encodeValue('bye')]] })]))
+    await waitFor(() => a.peerValue(departed, 'hello') === 'bye', 5000, 'the departed peer\'s value')
+    await waitFor(() => events.length >= 3, 2000, () => `three events, got ${JSON.stringify(events)}`).catch(() => {})
+    assert.deepEqual(a.livePeers(), [])
+    assert.deepEqual(a.deadPeers(), [departed])
+    // Whoever tracks membership by events must not be left believing the peer is alive.
+    assert.deepEqual(events, [['new_peer', departed], ['update', departed, 'hello', 'bye'], ['peer_failed', departed]])
+  } finally {
+    await stopAll([a])
   }
 })

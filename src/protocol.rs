@@ -461,11 +461,12 @@ impl Cluster {
                 let mut state = NodeState::new(delta.generation);
                 state.heartbeat = delta.heartbeat;
                 sink.emit(Event::NewPeer(&delta.name));
+                // Live until the delta's `left`, if any, is applied below and reported.
                 self.peers.entry(delta.name.clone()).or_insert(Peer {
                     state,
                     detector: detector_state,
-                    live: !delta.left,
-                    dead_since: delta.left.then_some(now),
+                    live: true,
+                    dead_since: None,
                 })
             }
         };
@@ -521,9 +522,11 @@ impl Cluster {
         live
     }
 
-    /// Keeps the names that are live peers: a push may only make us contact nodes we know.
+    /// Keeps each live peer once: a push may only make us contact nodes we know, and a list
+    /// repeating names must not multiply the broadcast.
     pub fn retain_live(&self, names: &mut Vec<String>) {
-        names.retain(|n| self.peers.get(n).is_some_and(|p| p.live));
+        let mut seen = HashSet::with_capacity(names.len());
+        names.retain(|n| self.peers.get(n).is_some_and(|p| p.live) && seen.insert(n.clone()));
     }
 
     /// Cassandra's choice of whom to gossip with this round: one live peer; a failed one with
