@@ -23,8 +23,8 @@ const ALL_SCENARIOS = ['membership', 'propagation', 'steady', 'throughput', 'fai
 const CLUSTER_SCENARIOS = ['membership', 'propagation', 'steady', 'stability']
 
 const PRESETS = {
-  quick: { ns: [20, 100], durationS: 10, trials: 3, interval: 1000, keys: 200000, settleIntervals: 5 },
-  full: { ns: [20, 100, 300, 1000], durationS: 60, trials: 3, interval: 1000, keys: 200000, settleIntervals: 5 },
+  quick: { ns: [20, 100], durationS: 10, trials: 3, interval: 1000, keys: 200000, settleIntervals: 2 },
+  full: { ns: [20, 100, 300, 1000], durationS: 60, trials: 3, interval: 1000, keys: 200000, settleIntervals: 10 },
   smoke: { ns: [20, 100], durationS: 2, trials: 1, interval: 250, keys: 200000, settleIntervals: 2 },
 }
 
