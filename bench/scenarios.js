@@ -74,11 +74,12 @@ async function stopAll(gossipers, timeoutMs = 30e3) {
 
 /**
  * Waits until each of `nodes` lists every name of `names` (but its own) in livePeers().
- * Only nodes not yet complete are polled; a final pass over all of them confirms. The poll
- * period grows with the cluster so that polling does not load the machine it measures.
- * Resolves { ms (since `since`), timedOut, complete (nodes seeing everyone) }.
+ * Each poll checks at most `perPoll` of the nodes not yet complete, round robin (livePeers() of
+ * a 1000-node cluster is 1000 strings: checking every node every poll would load the machine
+ * being measured); once none is pending, a pass over all of them confirms. Resolves
+ * { ms (since `since`), timedOut, complete (nodes seeing everyone) }.
  */
-async function waitMembership(nodes, names, { since, timeoutMs, pollMs = Math.max(50, nodes.length / 4), extra }) {
+async function waitMembership(nodes, names, { since, timeoutMs, pollMs = 50, perPoll = 64, extra }) {
   const wanted = new Set(names)
   const sees = (g) => {
     let count = 0
@@ -87,7 +88,8 @@ async function waitMembership(nodes, names, { since, timeoutMs, pollMs = Math.ma
   }
   let pending = [...nodes]
   for (;;) {
-    pending = pending.filter((g) => !sees(g))
+    const checked = pending.slice(0, perPoll).filter((g) => !sees(g))
+    pending = [...pending.slice(perPoll), ...checked] // unchecked first next time
     if (pending.length === 0) {
       pending = nodes.filter((g) => !sees(g)) // confirm: nobody lost anyone meanwhile
       if (pending.length === 0 && (!extra || (await extra()))) {
@@ -95,7 +97,8 @@ async function waitMembership(nodes, names, { since, timeoutMs, pollMs = Math.ma
       }
     }
     if (now() - since >= timeoutMs) {
-      return { ms: now() - since, timedOut: true, complete: nodes.length - pending.length }
+      const complete = nodes.filter(sees).length
+      return { ms: now() - since, timedOut: true, complete }
     }
     await sleep(pollMs)
   }
