@@ -136,7 +136,8 @@ function runJob(job, onResult) {
       clearTimeout(hardTimer)
       clearTimeout(exitTimer)
       if (!done && problems.length === 0) {
-        problems.push(`${job.label}: worker exited (code ${code}, signal ${signal}) before finishing${stderrTail ? `; stderr: ${stderrTail.trim()}` : ''}`)
+        const thrown = stderrTail.split('\n').find((l) => /^\w*Error\b/.test(l))
+        problems.push(`${job.label}: worker exited (code ${code}, signal ${signal}) before finishing${thrown ? `: ${thrown}` : ''} (its stderr is above)`)
       }
       // Scenarios the worker never reported are errors, so that nothing silently disappears.
       for (const [scenario, n, mode] of job.expects) {
@@ -172,21 +173,22 @@ function duration(ms) {
   if (ms < 1000) return `${ms.toPrecision(3)} ms`
   return `${(ms / 1000).toFixed(2)} s`
 }
+const firstLine = (text) => String(text).split('\n')[0]
 const orTimeout = (ms, timeoutS) => (ms === null ? `>${timeoutS} s (timeout)` : duration(ms))
 const times = (x) => (x === null ? 'n/a' : `x${x.toFixed(2)}`)
+const rounds = (xs) => xs.map((x) => (x === null ? '?' : x < 0.1 ? x.toFixed(3) : x < 10 ? x.toFixed(2) : x.toFixed(1))).join(' / ')
 const kilo = (x) => (x === null ? '?' : x >= 1e4 ? `${Math.round(x / 1000)}k` : String(Math.round(x)))
 
 function figures(r) {
-  if (r.status === 'error') return `ERROR: ${r.error}`
+  if (r.status === 'error') return `ERROR: ${firstLine(r.error)}`
   switch (r.scenario) {
     case 'membership':
       return r.status === 'timeout'
         ? `>${r.timeoutS} s (timeout); ${r.nodesComplete}/${r.n} nodes saw everyone`
         : `all ${r.n} see all others live after ${duration(r.seconds * 1000)} (${r.rounds} round${r.rounds === 1 ? '' : 's'})`
     case 'propagation': {
-      const rounds = [r.firstRounds, r.medianRounds, r.lastRounds].map((x) => (x === null ? '?' : x)).join(' / ')
       return `first ${orTimeout(r.firstMs, r.timeoutS)}, median ${orTimeout(r.medianMs, r.timeoutS)}, last ${orTimeout(r.lastMs, r.timeoutS)}` +
-        ` = ${rounds} rounds (median of ${r.trials} trial${r.trials > 1 ? 's' : ''}` +
+        ` = ${rounds([r.firstRounds, r.medianRounds, r.lastRounds])} rounds (median of ${r.trials} trial${r.trials > 1 ? 's' : ''}` +
         `${r.trialsTimedOut ? `, ${r.trialsTimedOut} timed out` : ''})`
     }
     case 'steady':
@@ -203,7 +205,7 @@ function figures(r) {
       const how = r.mode === 'kill' ? 'SIGKILL' : 'stop()'
       const s = (x) => (x === null ? `>${r.timeoutS} s (timeout)` : duration(x * 1000))
       return `${how}: first ${s(r.firstS)}, median ${s(r.medianS)}, last ${s(r.lastS)}` +
-        ` = ${[r.firstRounds, r.medianRounds, r.lastRounds].map((x) => (x === null ? '?' : x)).join(' / ')} rounds; ${r.detected}/${r.observers} observers` +
+        ` = ${rounds([r.firstRounds, r.medianRounds, r.lastRounds])} rounds; ${r.detected}/${r.observers} observers` +
         (r.otherPeerFailed ? `; ${r.otherPeerFailed} other peer_failed meanwhile` : '')
     }
     default:
@@ -272,13 +274,13 @@ async function main() {
   console.log()
   console.log(table(sorted))
   for (const s of shutdowns) if (s.status !== 'ok') problems.push(`N=${s.n}: stop() did not resolve for every gossiper within 30 s`)
-  for (const p of problems) console.log(`problem: ${p}`)
+  for (const p of problems) console.log(`problem: ${firstLine(p)}`)
   const totalS = ((Date.now() - begun) / 1000).toFixed(1)
   console.log(`\n${config.preset} preset: ${results.length} results in ${totalS} s`)
 
   const failed = results.filter((r) => r.status === 'error' || (config.smoke && r.status !== 'ok'))
   if (failed.length > 0 || (config.smoke && problems.length > 0)) {
-    console.log(`FAILED: ${failed.map((r) => `${r.scenario}${r.mode ? ` (${r.mode})` : ''} N=${r.n}: ${r.status}`).concat(config.smoke ? problems : []).join('; ')}`)
+    console.log(`FAILED: ${failed.map((r) => `${r.scenario}${r.mode ? ` (${r.mode})` : ''} N=${r.n}: ${r.status}`).concat(config.smoke ? problems.map(firstLine) : []).join('; ')}`)
     process.exitCode = 1
   } else if (config.smoke) {
     console.log('smoke: every scenario completed')

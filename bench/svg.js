@@ -8,7 +8,7 @@ const MARGIN = { left: 60, right: 130, top: 40, bottom: 50 }
 const COLORS = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2', '#17becf']
 
 const escape = (text) => String(text).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;')
-const fmt = (x) => (Number.isInteger(x) ? String(x) : x.toFixed(Math.max(0, 2 - Math.floor(Math.log10(Math.abs(x) || 1)))))
+const fmt = (x) => String(Number(x.toPrecision(6))) // 0.30000000000000004 -> '0.3'
 
 /** A "nice" tick step (1, 2 or 5 times a power of ten) giving about `count` ticks up to `max`. */
 function tickStep(max, count = 5) {
@@ -39,7 +39,8 @@ function propagationSvg(result) {
   out.push(`<text x="${WIDTH / 2}" y="22" text-anchor="middle" font-size="14">${escape(`Propagation of one write, N = ${n}, gossip interval ${interval} ms`)}</text>`)
 
   // Grid, ticks and labels.
-  for (let ms = 0; ms <= xMax + step / 1e6; ms += step) {
+  for (let i = 0; i * step <= xMax * (1 + 1e-9); i++) {
+    const ms = i * step
     out.push(`<line x1="${px(x(ms))}" y1="${MARGIN.top}" x2="${px(x(ms))}" y2="${MARGIN.top + plotH}" stroke="#eee"/>`)
     out.push(`<text x="${px(x(ms))}" y="${MARGIN.top + plotH + 18}" text-anchor="middle">${fmt(ms)}</text>`)
   }
