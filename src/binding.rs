@@ -90,7 +90,9 @@ impl EventBatch {
                 match &self.open_group {
                     Some((open, at)) if open == peer => {
                         let at = *at;
-                        let count = u32::from_be_bytes(self.bytes[at + 1..at + 5].try_into().unwrap_or_default());
+                        let count = u32::from_be_bytes(
+                            self.bytes[at + 1..at + 5].try_into().unwrap_or_default(),
+                        );
                         self.bytes[at + 1..at + 5].copy_from_slice(&(count + 1).to_be_bytes());
                     }
                     _ => {
@@ -146,7 +148,8 @@ impl EventSink for JsSink {
         batch.push(event);
         if !batch.call_pending {
             if let Some(deliver) = self.deliver.get() {
-                batch.call_pending = deliver.call((), ThreadsafeFunctionCallMode::NonBlocking) == Status::Ok;
+                batch.call_pending =
+                    deliver.call((), ThreadsafeFunctionCallMode::NonBlocking) == Status::Ok;
             }
         }
     }
@@ -170,7 +173,10 @@ impl NativeGossiper {
         let address = match options.address.as_deref() {
             None => None,
             Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
-                Error::new(Status::InvalidArg, format!("address is not an IP address: {text}"))
+                Error::new(
+                    Status::InvalidArg,
+                    format!("address is not an IP address: {text}"),
+                )
             })?),
         };
         let gossip_interval = millis(options.gossip_interval_ms);
@@ -178,7 +184,10 @@ impl NativeGossiper {
             cluster_name: options.cluster_name,
             gossip_interval,
             phi_threshold: options.phi_threshold,
-            detector: crate::detector::DetectorConfig::for_interval(gossip_interval, millis(options.max_interval_ms)),
+            detector: crate::detector::DetectorConfig::for_interval(
+                gossip_interval,
+                millis(options.max_interval_ms),
+            ),
             dead_peer_ttl: millis(options.dead_peer_ttl_ms),
             limits: Limits {
                 max_frame_bytes: options.max_frame_bytes as usize,
@@ -192,7 +201,10 @@ impl NativeGossiper {
             max_inbound_connections: options.max_inbound_connections as usize,
         };
         let batch = Arc::new(Mutex::new(EventBatch::default()));
-        let sink = Arc::new(JsSink { batch: batch.clone(), deliver: OnceLock::new() });
+        let sink = Arc::new(JsSink {
+            batch: batch.clone(),
+            deliver: OnceLock::new(),
+        });
         let deliver: Deliver = on_events
             .build_threadsafe_function::<()>()
             .weak::<true>()
@@ -205,14 +217,28 @@ impl NativeGossiper {
             })?;
         let _ = sink.deliver.set(deliver);
         let node = Node::new(settings, options.seeds, sink);
-        Ok(NativeGossiper { node: Arc::new(node), listen: Listen { port: options.port as u16, address } })
+        Ok(NativeGossiper {
+            node: Arc::new(node),
+            listen: Listen {
+                port: options.port as u16,
+                address,
+            },
+        })
     }
 
     #[napi]
     pub fn start(&self) -> StartOutcome {
         match self.node.start(&self.listen) {
-            Ok(name) => StartOutcome { name: Some(name), code: None, message: None },
-            Err(e) => StartOutcome { name: None, code: Some(e.code.into()), message: Some(e.message) },
+            Ok(name) => StartOutcome {
+                name: Some(name),
+                code: None,
+                message: None,
+            },
+            Err(e) => StartOutcome {
+                name: None,
+                code: Some(e.code.into()),
+                message: Some(e.message),
+            },
         }
     }
 
@@ -236,23 +262,27 @@ impl NativeGossiper {
     /// Returns false when the value equals the current one. Errors carry the rejection reason.
     #[napi]
     pub fn set_local_state(&self, key: String, value: Buffer) -> Result<bool> {
-        self.node.set_local(&key, Bytes::copy_from_slice(&value)).map_err(|reason| {
-            let what = match reason {
-                Rejection::BadKeyValue => "key or value outside the configured limits",
-                _ => reason.as_str(),
-            };
-            Error::new(Status::InvalidArg, what.to_owned())
-        })
+        self.node
+            .set_local(&key, Bytes::copy_from_slice(&value))
+            .map_err(|reason| {
+                let what = match reason {
+                    Rejection::BadKeyValue => "key or value outside the configured limits",
+                    _ => reason.as_str(),
+                };
+                Error::new(Status::InvalidArg, what.to_owned())
+            })
     }
 
     #[napi]
     pub fn local_value(&self, key: String) -> Option<Buffer> {
-        self.node.with_cluster(|c| c.local_value(&key).map(|v| Buffer::from(v.to_vec())))
+        self.node
+            .with_cluster(|c| c.local_value(&key).map(|v| Buffer::from(v.to_vec())))
     }
 
     #[napi]
     pub fn peer_value(&self, peer: String, key: String) -> Option<Buffer> {
-        self.node.with_cluster(|c| c.node_value(&peer, &key).map(|v| Buffer::from(v.to_vec())))
+        self.node
+            .with_cluster(|c| c.node_value(&peer, &key).map(|v| Buffer::from(v.to_vec())))
     }
 
     #[napi]
@@ -296,7 +326,10 @@ impl NativeGossiper {
             pushes_sent: n(&c.pushes_sent),
             connect_failures: n(&c.connect_failures),
             connections_refused: n(&c.connections_refused),
-            rejected: Rejection::ALL.iter().map(|r| (r.as_str().to_owned(), c.rejected(*r) as f64)).collect(),
+            rejected: Rejection::ALL
+                .iter()
+                .map(|r| (r.as_str().to_owned(), c.rejected(*r) as f64))
+                .collect(),
         }
     }
 }

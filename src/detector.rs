@@ -4,23 +4,25 @@
 //!
 //! Invariants: the window never holds more than `window_size` intervals and is updated in O(1);
 //! no interval above `max_interval` enters it, so one long outage cannot make later detection
-//! slow; and a peer with no interval yet uses `bootstrap_interval`, so a peer that is never heard
-//! from again is still convicted in bounded time.
+//! slow; and the mean always includes `PRIOR_SAMPLES` intervals of `bootstrap_interval`, so a
+//! peer that is never heard from again is still convicted in bounded time, and a young window
+//! holding one short interval (a heartbeat heard through two paths a moment apart) does not
+//! collapse the mean and convict a healthy peer.
 
 use std::time::Duration;
 use tokio::time::Instant;
 
 const LOG10_E: f64 = 0.434_294_481_903_251_8;
 
+/// Weight of the bootstrap interval in the mean, in samples: decisive for a new peer,
+/// negligible once the window holds hundreds of real intervals.
+const PRIOR_SAMPLES: f64 = 4.0;
+
 #[derive(Clone, Debug)]
 pub struct DetectorConfig {
     pub window_size: usize,
     pub max_interval: Duration,
-    /// Rises observed closer together than this add no interval: a heartbeat heard through two
-    /// paths a few milliseconds apart says nothing about the peer's pace, and would collapse
-    /// the mean while the window is young.
-    pub min_interval: Duration,
-    /// The mean assumed before any interval was seen: the gossip interval.
+    /// The mean assumed before intervals are seen: the gossip interval.
     pub bootstrap_interval: Duration,
 }
 
@@ -30,7 +32,6 @@ impl DetectorConfig {
         DetectorConfig {
             window_size: 1000,
             max_interval,
-            min_interval: gossip_interval / 2,
             bootstrap_interval: gossip_interval,
         }
     }
@@ -50,11 +51,7 @@ pub struct PhiDetector {
 impl PhiDetector {
     pub fn heartbeat(&mut self, now: Instant, config: &DetectorConfig) {
         if let Some(last) = self.last_heartbeat {
-            let elapsed = now.saturating_duration_since(last);
-            if elapsed < config.min_interval {
-                return;
-            }
-            let capped = elapsed.min(config.max_interval);
+            let capped = now.saturating_duration_since(last).min(config.max_interval);
             let interval = capped.as_millis().min(u16::MAX as u128) as u16;
             if self.intervals_ms.len() < config.window_size {
                 self.intervals_ms.push(interval);
@@ -71,12 +68,11 @@ impl PhiDetector {
 
     /// Suspicion that the peer is down; 0 right after a heartbeat, growing linearly with silence.
     pub fn phi(&self, now: Instant, config: &DetectorConfig) -> f64 {
-        let Some(last) = self.last_heartbeat else { return 0.0 };
-        let mean_ms = if self.intervals_ms.is_empty() {
-            config.bootstrap_interval.as_secs_f64() * 1000.0
-        } else {
-            self.sum_ms as f64 / self.intervals_ms.len() as f64
+        let Some(last) = self.last_heartbeat else {
+            return 0.0;
         };
+        let prior_ms = PRIOR_SAMPLES * config.bootstrap_interval.as_secs_f64() * 1000.0;
+        let mean_ms = (self.sum_ms as f64 + prior_ms) / (self.intervals_ms.len() as f64 + PRIOR_SAMPLES);
         let silence_ms = now.saturating_duration_since(last).as_secs_f64() * 1000.0;
         LOG10_E * silence_ms / mean_ms.max(1.0)
     }
@@ -112,7 +108,12 @@ mod tests {
         DetectorConfig::for_interval(Duration::from_secs(1), Duration::from_secs(10))
     }
 
-    fn beat_every(detector: &mut PhiDetector, start: Instant, count: u32, every: Duration) -> Instant {
+    fn beat_every(
+        detector: &mut PhiDetector,
+        start: Instant,
+        count: u32,
+        every: Duration,
+    ) -> Instant {
         let mut now = start;
         for _ in 0..count {
             now += every;
@@ -185,13 +186,15 @@ mod tests {
     }
 
     #[test]
-    fn rises_heard_moments_apart_add_no_interval() {
+    fn young_window_leans_on_the_bootstrap_mean() {
         let mut detector = PhiDetector::default();
-        let now = beat_every(&mut detector, Instant::now(), 5, Duration::from_secs(1));
+        let now = beat_every(&mut detector, Instant::now(), 2, Duration::from_secs(1));
+        // The same heartbeat rise heard again through another path, 2 ms later.
         detector.heartbeat(now + Duration::from_millis(2), &config());
-        assert_eq!(detector.window_len(), 4);
-        assert_eq!(detector.mean_interval(), Some(Duration::from_secs(1)));
-        assert!(detector.phi(now + Duration::from_secs(2), &config()) < 1.0);
+        assert_eq!(detector.mean_interval(), Some(Duration::from_millis(501)));
+        // (1000 + 2 + 4 × 1000) / 6 ≈ 834 ms, not 501 ms.
+        let phi = detector.phi(now + Duration::from_secs(2), &config());
+        assert!((phi - LOG10_E * 1998.0 / (5002.0 / 6.0)).abs() < 1e-6, "{phi}");
     }
 
     #[test]

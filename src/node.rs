@@ -6,7 +6,7 @@
 //! only once every one of them has ended. The cluster state sits behind a std mutex that is never
 //! held across an await.
 
-use crate::protocol::{Cluster, EventSink, PeerInfo, Settings, Target};
+use crate::protocol::{Cluster, EventSink, Membership, PeerInfo, Settings, SynReply, Target};
 use crate::wire::{self, Message, Rejection};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -30,7 +30,7 @@ pub fn runtime() -> &'static Runtime {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)))
+            .worker_threads(worker_threads())
             .thread_name("gossiper")
             .enable_all()
             .build()
@@ -39,11 +39,24 @@ pub fn runtime() -> &'static Runtime {
     })
 }
 
+/// `GOSSIPER_WORKER_THREADS` if set, else the smaller of 2 and the number of cores: gossip is
+/// light work, and fewer threads mean fewer cross-thread wake-ups per message.
+fn worker_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::env::var("GOSSIPER_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(cores.min(2))
+}
+
 /// A generation strictly above every earlier one of this process, and (clock permitting) of any
 /// earlier process: milliseconds since the Unix epoch.
 fn next_generation() -> u64 {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let mut last = LAST.load(Relaxed);
     loop {
         let next = now.max(last + 1);
@@ -93,7 +106,10 @@ impl StartError {
             io::ErrorKind::PermissionDenied => "EACCES",
             _ => "ERR_GOSSIP_START",
         };
-        StartError { code, message: format!("{what}: {error}") }
+        StartError {
+            code,
+            message: format!("{what}: {error}"),
+        }
     }
 }
 
@@ -155,40 +171,67 @@ impl Node {
     }
 
     pub fn is_running(&self) -> bool {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Binds, then starts gossiping under a new generation. Returns the advertised name.
     pub fn start(&self, listen: &Listen) -> Result<String, StartError> {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         if running.is_some() {
-            return Err(StartError { code: "ERR_GOSSIP_RUNNING", message: "already started".into() });
+            return Err(StartError {
+                code: "ERR_GOSSIP_RUNNING",
+                message: "already started".into(),
+            });
         }
         let last_port = self.last_port.load(Relaxed) as u16;
         let std_listener = match (listen.port, last_port) {
-            (0, 1..) => bind(&Listen { port: last_port, ..listen.clone() }).or_else(|_| bind(listen)),
+            (0, 1..) => bind(&Listen {
+                port: last_port,
+                ..listen.clone()
+            })
+            .or_else(|_| bind(listen)),
             _ => bind(listen),
         }
         .map_err(|e| StartError::from_io(e, "cannot listen"))?;
-        let port = std_listener.local_addr().map_err(|e| StartError::from_io(e, "cannot listen"))?.port();
+        let port = std_listener
+            .local_addr()
+            .map_err(|e| StartError::from_io(e, "cannot listen"))?
+            .port();
         self.last_port.store(port as u64, Relaxed);
-        let ip = listen.address.unwrap_or_else(|| advertised_ip(&self.shared.seeds));
+        let ip = listen
+            .address
+            .unwrap_or_else(|| advertised_ip(&self.shared.seeds));
         let name = SocketAddr::new(ip, port).to_string();
 
         let _guard = runtime().enter();
-        let listener = TcpListener::from_std(std_listener).map_err(|e| StartError::from_io(e, "cannot listen"))?;
+        let listener = TcpListener::from_std(std_listener)
+            .map_err(|e| StartError::from_io(e, "cannot listen"))?;
         let stopped_for = self
             .stopped_at
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .map_or(Duration::ZERO, |at| at.elapsed());
-        self.shared.cluster().begin_incarnation(name.clone(), next_generation(), stopped_for);
+        self.shared
+            .cluster()
+            .begin_incarnation(name.clone(), next_generation(), stopped_for);
 
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(accept_loop(self.shared.clone(), listener, cancel.clone(), tasks.clone()));
-        tasks.spawn(gossip_loop(self.shared.clone(), cancel.clone(), tasks.clone()));
+        tasks.spawn(accept_loop(
+            self.shared.clone(),
+            listener,
+            cancel.clone(),
+            tasks.clone(),
+        ));
+        tasks.spawn(gossip_loop(
+            self.shared.clone(),
+            cancel.clone(),
+            tasks.clone(),
+        ));
         tasks.spawn(push_loop(self.shared.clone(), cancel.clone()));
         *running = Some(Running { cancel, tasks });
         Ok(name)
@@ -197,7 +240,12 @@ impl Node {
     /// Announces the departure to a few peers (bounded by the connect timeout), then ends every
     /// task. Local state is kept for the next `start`.
     pub async fn stop(&self) {
-        let Some(running) = self.running.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        let Some(running) = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
             return;
         };
         let deltas = {
@@ -205,7 +253,10 @@ impl Node {
             cluster.leave();
             cluster.take_unpushed()
         };
-        let targets = self.shared.cluster().broadcast_targets(&mut SmallRng::from_entropy());
+        let targets = self
+            .shared
+            .cluster()
+            .broadcast_targets(&mut SmallRng::from_entropy());
         let announce = broadcast(&self.shared, deltas, targets);
         let _ = timeout(self.shared.settings.connect_timeout, announce).await;
         running.cancel.cancel();
@@ -239,7 +290,12 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(running) = self.running.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(running) = self
+            .running
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             running.cancel.cancel();
         }
     }
@@ -260,11 +316,17 @@ fn bind(listen: &Listen) -> io::Result<StdListener> {
 /// Connecting a UDP socket sends nothing; it only picks the route.
 fn advertised_ip(seeds: &[String]) -> IpAddr {
     let seed = seeds.iter().find_map(|s| s.parse::<SocketAddr>().ok());
-    let Some(seed) = seed else { return IpAddr::V4(Ipv4Addr::LOCALHOST) };
+    let Some(seed) = seed else {
+        return IpAddr::V4(Ipv4Addr::LOCALHOST);
+    };
     if seed.ip().is_loopback() {
         return seed.ip();
     }
-    let local = if seed.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let local = if seed.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
     UdpSocket::bind(local)
         .and_then(|socket| {
             socket.connect(seed)?;
@@ -279,7 +341,10 @@ async fn send(shared: &Shared, conn: &mut Connection, message: &Message) -> io::
     let name = shared.cluster().name().to_owned();
     let frame = wire::encode(&shared.settings.cluster_name, &name, message);
     shared.counters.messages_sent.fetch_add(1, Relaxed);
-    shared.counters.bytes_sent.fetch_add(frame.len() as u64 + 4, Relaxed);
+    shared
+        .counters
+        .bytes_sent
+        .fetch_add(frame.len() as u64 + 4, Relaxed);
     conn.send(frame).await
 }
 
@@ -290,14 +355,24 @@ async fn receive(shared: &Shared, conn: &mut Connection) -> Option<(String, Mess
         Ok(Some(Ok(frame))) => frame,
         Ok(Some(Err(error))) => {
             let oversized = error.kind() == io::ErrorKind::InvalidData;
-            counters.reject(if oversized { Rejection::Oversized } else { Rejection::Malformed });
+            counters.reject(if oversized {
+                Rejection::Oversized
+            } else {
+                Rejection::Malformed
+            });
             return None;
         }
         Ok(None) | Err(_) => return None,
     };
     counters.messages_received.fetch_add(1, Relaxed);
-    counters.bytes_received.fetch_add(frame.len() as u64 + 4, Relaxed);
-    match wire::decode(&frame, &shared.settings.cluster_name, &shared.settings.limits) {
+    counters
+        .bytes_received
+        .fetch_add(frame.len() as u64 + 4, Relaxed);
+    match wire::decode(
+        &frame,
+        &shared.settings.cluster_name,
+        &shared.settings.limits,
+    ) {
         Ok(message) => Some(message),
         Err(reason) => {
             counters.reject(reason);
@@ -311,7 +386,12 @@ fn framed(stream: TcpStream, shared: &Shared) -> Connection {
     Framed::new(stream, wire::codec(&shared.settings.limits))
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken, tasks: TaskTracker) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
     let permits = Arc::new(Semaphore::new(shared.settings.max_inbound_connections));
     loop {
         let accepted = tokio::select! {
@@ -344,23 +424,37 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cancel: Cancell
 
 /// Responder side of one connection: an exchange, or a push.
 async fn serve(shared: &Shared, mut conn: Connection) {
-    let Some((_, message)) = receive(shared, &mut conn).await else { return };
+    let Some((_, mut message)) = receive(shared, &mut conn).await else {
+        return;
+    };
+    if let Message::CompactSyn {
+        membership_hash,
+        versions,
+    } = &message
+    {
+        let reply = shared
+            .cluster()
+            .handle_compact_syn(*membership_hash, versions, Instant::now());
+        if let Some(reply) = reply {
+            return answer_syn(shared, conn, reply).await;
+        }
+        if send(shared, &mut conn, &Message::NeedDigest).await.is_err() {
+            return;
+        }
+        let Some((_, next)) = receive(shared, &mut conn).await else {
+            return;
+        };
+        message = next;
+    }
     match message {
         Message::Syn { digest } => {
-            let (deltas, requests) = shared.cluster().handle_syn(&digest, Instant::now());
-            if send(shared, &mut conn, &Message::SynAck { deltas, requests }).await.is_err() {
-                return;
-            }
-            match receive(shared, &mut conn).await {
-                Some((_, Message::Ack { deltas })) => {
-                    apply(shared, deltas);
-                    shared.counters.exchanges.fetch_add(1, Relaxed);
-                }
-                Some(_) => shared.counters.reject(Rejection::Unexpected),
-                None => {}
-            }
+            let reply = shared.cluster().handle_syn(&digest, Instant::now());
+            answer_syn(shared, conn, reply).await;
         }
-        Message::Push { deltas, mut forward_to } => {
+        Message::Push {
+            deltas,
+            mut forward_to,
+        } => {
             let deltas_to_forward = (!forward_to.is_empty()).then(|| deltas.clone());
             apply(shared, deltas);
             if let Some(deltas) = deltas_to_forward {
@@ -369,6 +463,37 @@ async fn serve(shared: &Shared, mut conn: Connection) {
             }
         }
         _ => shared.counters.reject(Rejection::Unexpected),
+    }
+}
+
+/// Sends the SynAck, then applies the Ack that ends the exchange.
+async fn answer_syn(shared: &Shared, mut conn: Connection, reply: SynReply) {
+    let SynReply {
+        deltas,
+        requests,
+        heartbeats,
+    } = reply;
+    if send(
+        shared,
+        &mut conn,
+        &Message::SynAck {
+            deltas,
+            requests,
+            heartbeats,
+        },
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    match receive(shared, &mut conn).await {
+        Some((_, Message::Ack { deltas })) => {
+            apply(shared, deltas);
+            shared.counters.exchanges.fetch_add(1, Relaxed);
+        }
+        Some(_) => shared.counters.reject(Rejection::Unexpected),
+        None => {}
     }
 }
 
@@ -398,23 +523,32 @@ async fn gossip_loop(shared: Arc<Shared>, cancel: CancellationToken, tasks: Task
             _ = ticker.tick() => {}
         }
         let now = Instant::now();
-        let late = now.saturating_duration_since(last_tick).saturating_sub(interval);
+        let late = now
+            .saturating_duration_since(last_tick)
+            .saturating_sub(interval);
         // A tick a whole interval late means this process stalled: peers were not silent.
-        let stall = if late >= interval { late } else { Duration::ZERO };
+        let stall = if late >= interval {
+            late
+        } else {
+            Duration::ZERO
+        };
         last_tick = now;
-        let (targets, digest) = {
+        let (targets, (membership, versions)) = {
             let mut cluster = shared.cluster();
             cluster.tick(now, stall);
-            (cluster.gossip_targets(&shared.seeds, &mut rng), cluster.digest())
+            (
+                cluster.gossip_targets(&shared.seeds, &mut rng),
+                cluster.compact_digest(),
+            )
         };
         for target in targets {
             let shared = shared.clone();
-            let digest = digest.clone();
+            let (membership, versions) = (membership.clone(), versions.clone());
             let cancel = cancel.clone();
             tasks.spawn(async move {
                 tokio::select! {
                     _ = cancel.cancelled() => {}
-                    _ = exchange(&shared, target, digest) => {}
+                    _ = exchange(&shared, target, membership, versions) => {}
                 }
             });
         }
@@ -424,12 +558,15 @@ async fn gossip_loop(shared: Arc<Shared>, cancel: CancellationToken, tasks: Task
 async fn connect(shared: &Shared, target: &Target) -> Option<Connection> {
     let address = match target {
         Target::Peer(name) => name.parse::<SocketAddr>().ok(),
-        Target::Seed(seed) => {
-            tokio::net::lookup_host(seed.as_str()).await.ok().and_then(|mut addrs| addrs.next())
-        }
+        Target::Seed(seed) => tokio::net::lookup_host(seed.as_str())
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next()),
     };
     let stream = match address {
-        Some(address) => timeout(shared.settings.connect_timeout, TcpStream::connect(address)).await,
+        Some(address) => {
+            timeout(shared.settings.connect_timeout, TcpStream::connect(address)).await
+        }
         None => Ok(Err(io::ErrorKind::NotFound.into())),
     };
     match stream {
@@ -441,20 +578,61 @@ async fn connect(shared: &Shared, target: &Target) -> Option<Connection> {
     }
 }
 
-/// Initiator side of one push-pull exchange.
-async fn exchange(shared: &Shared, target: Target, digest: Vec<wire::DigestEntry>) {
-    let Some(mut conn) = connect(shared, &target).await else { return };
-    if send(shared, &mut conn, &Message::Syn { digest }).await.is_err() {
+/// Initiator side of one push-pull exchange: a CompactSyn first, the named digest if the
+/// responder's membership differs.
+async fn exchange(
+    shared: &Shared,
+    target: Target,
+    membership: Arc<Membership>,
+    versions: Vec<u64>,
+) {
+    let Some(mut conn) = connect(shared, &target).await else {
+        return;
+    };
+    let compact = Message::CompactSyn {
+        membership_hash: membership.hash,
+        versions,
+    };
+    if send(shared, &mut conn, &compact).await.is_err() {
         return;
     }
-    let (deltas, requests) = match receive(shared, &mut conn).await {
-        Some((_, Message::SynAck { deltas, requests })) => (deltas, requests),
+    let mut response = receive(shared, &mut conn).await;
+    let mut positions = Some(&*membership);
+    if let Some((_, Message::NeedDigest)) = response {
+        let digest = shared.cluster().digest();
+        if send(shared, &mut conn, &Message::Syn { digest })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        response = receive(shared, &mut conn).await;
+        positions = None;
+    }
+    let reply = match response {
+        Some((
+            _,
+            Message::SynAck {
+                deltas,
+                requests,
+                heartbeats,
+            },
+        )) => SynReply {
+            deltas,
+            requests,
+            heartbeats,
+        },
         Some(_) => return shared.counters.reject(Rejection::Unexpected),
         None => return,
     };
-    let answers = shared.cluster().handle_syn_ack(deltas, &requests, Instant::now());
+    let answers = shared
+        .cluster()
+        .handle_syn_ack(reply, positions, Instant::now());
     wake_pusher(shared);
-    if send(shared, &mut conn, &Message::Ack { deltas: answers }).await.is_ok() {
+    if send(shared, &mut conn, &Message::Ack { deltas: answers })
+        .await
+        .is_ok()
+    {
         shared.counters.exchanges.fetch_add(1, Relaxed);
     }
 }
@@ -501,8 +679,13 @@ async fn broadcast(shared: &Shared, deltas: Vec<wire::NodeDelta>, targets: Vec<S
         let deltas = &deltas;
         async move {
             for (i, peer) in share.iter().enumerate() {
-                let Some(mut conn) = connect(shared, &Target::Peer(peer.clone())).await else { continue };
-                let message = Message::Push { deltas: deltas.clone(), forward_to: share[i + 1..].to_vec() };
+                let Some(mut conn) = connect(shared, &Target::Peer(peer.clone())).await else {
+                    continue;
+                };
+                let message = Message::Push {
+                    deltas: deltas.clone(),
+                    forward_to: share[i + 1..].to_vec(),
+                };
                 if send(shared, &mut conn, &message).await.is_ok() {
                     shared.counters.pushes_sent.fetch_add(1, Relaxed);
                     return;

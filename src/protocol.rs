@@ -61,7 +61,10 @@ impl Default for Settings {
 impl Settings {
     /// Room for deltas in one frame, leaving space for the header and per-entry overhead.
     fn delta_budget(&self) -> usize {
-        self.limits.max_frame_bytes.saturating_sub(64 << 10).max(self.limits.max_frame_bytes / 2)
+        self.limits
+            .max_frame_bytes
+            .saturating_sub(64 << 10)
+            .max(self.limits.max_frame_bytes / 2)
     }
 }
 
@@ -69,7 +72,11 @@ impl Settings {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     NewPeer(&'a str),
-    Update { peer: &'a str, key: &'a str, value: &'a [u8] },
+    Update {
+        peer: &'a str,
+        key: &'a str,
+        value: &'a [u8],
+    },
     PeerAlive(&'a str),
     PeerFailed(&'a str),
 }
@@ -99,7 +106,10 @@ pub struct NodeState {
 
 impl NodeState {
     fn new(generation: u64) -> Self {
-        NodeState { generation, ..NodeState::default() }
+        NodeState {
+            generation,
+            ..NodeState::default()
+        }
     }
 
     fn insert(&mut self, key: String, version: u64, value: Bytes) {
@@ -143,7 +153,11 @@ impl NodeState {
                 break;
             }
             *budget -= cost;
-            kvs.push(KeyValue { key: key.clone(), version, value: value.clone() });
+            kvs.push(KeyValue {
+                key: key.clone(),
+                version,
+                value: value.clone(),
+            });
         }
         NodeDelta {
             name: name.to_owned(),
@@ -174,6 +188,36 @@ pub enum Target {
     Seed(String),
 }
 
+/// Every known node, ourselves included, as (name, generation) sorted by name, with a hash that
+/// two nodes compare to know they can refer to nodes by position.
+#[derive(Debug)]
+pub struct Membership {
+    pub members: Vec<(String, u64)>,
+    pub hash: u64,
+}
+
+impl Membership {
+    fn new(members: Vec<(String, u64)>) -> Self {
+        // FNV-1a: stable across processes and versions, unlike std's hasher.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for (name, generation) in &members {
+            for byte in name.bytes().chain([0]).chain(generation.to_le_bytes()) {
+                hash = (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        Membership { members, hash }
+    }
+}
+
+/// A responder's answer to a digest: the SynAck's contents.
+#[derive(Debug, Default)]
+pub struct SynReply {
+    pub deltas: Vec<NodeDelta>,
+    pub requests: Vec<Request>,
+    /// `index, heartbeat` pairs into the membership of a CompactSyn.
+    pub heartbeats: Vec<u64>,
+}
+
 /// Public view of one peer, for monitoring.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
@@ -195,6 +239,8 @@ pub struct Cluster {
     forgotten: HashMap<String, (u64, Instant)>,
     /// Local changes not pushed yet: the generation and the version they start after.
     unpushed: Option<(u64, u64)>,
+    /// Cached until a node joins, changes generation or is forgotten.
+    membership: Option<Arc<Membership>>,
     sink: Arc<dyn EventSink>,
 }
 
@@ -207,6 +253,7 @@ impl Cluster {
             peers: HashMap::new(),
             forgotten: HashMap::new(),
             unpushed: None,
+            membership: None,
             sink,
         }
     }
@@ -231,6 +278,7 @@ impl Cluster {
         }
         self.peers.remove(&name);
         self.name = name;
+        self.membership = None;
         // Announce the new incarnation, and everything it holds, as soon as anyone is known.
         self.unpushed = Some((generation, 0));
         for peer in self.peers.values_mut() {
@@ -333,19 +381,26 @@ impl Cluster {
         let expired: Vec<String> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.dead_since.is_some_and(|t| now.saturating_duration_since(t) >= ttl))
+            .filter(|(_, p)| {
+                p.dead_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= ttl)
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in expired {
+            self.membership = None;
             if let Some(peer) = self.peers.remove(&name) {
                 self.forgotten.insert(name, (peer.state.generation, now));
             }
         }
-        self.forgotten.retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
+        self.forgotten
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
     }
 
     fn is_forgotten(&self, name: &str, generation: u64) -> bool {
-        self.forgotten.get(name).is_some_and(|&(g, _)| generation <= g)
+        self.forgotten
+            .get(name)
+            .is_some_and(|&(g, _)| generation <= g)
     }
 
     pub fn digest(&self) -> Vec<DigestEntry> {
@@ -355,67 +410,166 @@ impl Cluster {
         digest
     }
 
-    /// Responder side: what the initiator lacks (including nodes its digest does not name) and
-    /// what to ask of it. Heartbeats newer in the digest are taken from it directly.
-    pub fn handle_syn(&mut self, digest: &[DigestEntry], now: Instant) -> (Vec<NodeDelta>, Vec<Request>) {
-        let mut budget = self.settings.delta_budget();
-        let mut deltas = Vec::new();
-        let mut requests = Vec::new();
-        let mut named = HashSet::with_capacity(digest.len());
-        for entry in digest {
-            named.insert(entry.name.as_str());
-            if self.is_forgotten(&entry.name, entry.generation) {
-                continue;
-            }
-            let is_self = entry.name == self.name;
-            match self.node(&entry.name) {
-                None => requests.push(request(entry, 0)),
-                Some(node) if node.generation > entry.generation => {
-                    deltas.push(node.delta(&entry.name, 0, &mut budget));
-                }
-                // Nobody knows more about us than we do: never ask about ourselves.
-                Some(node) if node.generation < entry.generation => {
-                    if !is_self {
-                        requests.push(request(entry, 0));
-                    }
-                }
-                Some(node) => {
-                    if node.max_version > entry.max_version || node.heartbeat > entry.heartbeat {
-                        deltas.push(node.delta(&entry.name, entry.max_version, &mut budget));
-                    }
-                    if !is_self && entry.max_version > node.max_version {
-                        requests.push(request(entry, node.max_version));
-                    }
-                    if !is_self && entry.heartbeat > node.heartbeat {
-                        self.observe_heartbeat(&entry.name, entry.heartbeat, now);
-                    }
-                }
-            }
+    /// The sorted membership, rebuilt only after it changed.
+    pub fn membership(&mut self) -> Arc<Membership> {
+        if let Some(membership) = &self.membership {
+            return membership.clone();
         }
+        let mut members: Vec<(String, u64)> =
+            std::iter::once((self.name.clone(), self.local.generation))
+                .chain(
+                    self.peers
+                        .iter()
+                        .map(|(n, p)| (n.clone(), p.state.generation)),
+                )
+                .collect();
+        members.sort_unstable();
+        let membership = Arc::new(Membership::new(members));
+        self.membership = Some(membership.clone());
+        membership
+    }
+
+    /// A digest by position: `heartbeat, max_version` for each member, in membership order.
+    pub fn compact_digest(&mut self) -> (Arc<Membership>, Vec<u64>) {
+        let membership = self.membership();
+        let mut versions = Vec::with_capacity(membership.members.len() * 2);
+        for (name, _) in &membership.members {
+            // Every member is a known node: the membership was built from them.
+            let node = self
+                .node(name)
+                .map_or((0, 0), |n| (n.heartbeat, n.max_version));
+            versions.extend([node.0, node.1]);
+        }
+        (membership, versions)
+    }
+
+    /// Responder side of a named digest: what the initiator lacks (including nodes its digest
+    /// does not name) and what to ask of it.
+    pub fn handle_syn(&mut self, digest: &[DigestEntry], now: Instant) -> SynReply {
+        let entries = digest
+            .iter()
+            .map(|e| (e.name.as_str(), e.generation, e.heartbeat, e.max_version));
+        let mut reply = self.reconcile(entries, now, false);
+        let named: HashSet<&str> = digest.iter().map(|e| e.name.as_str()).collect();
+        let mut budget = self.settings.delta_budget();
         for (name, node) in std::iter::once((&self.name, &self.local))
             .chain(self.peers.iter().map(|(n, p)| (n, &p.state)))
         {
             if !named.contains(name.as_str()) {
-                deltas.push(node.delta(name, 0, &mut budget));
+                reply.deltas.push(node.delta(name, 0, &mut budget));
             }
         }
-        (deltas, requests)
+        reply
     }
 
-    /// Initiator side, after the SynAck: applies its deltas and answers its requests.
+    /// Responder side of a CompactSyn; None when the memberships differ and the named digest
+    /// is needed.
+    pub fn handle_compact_syn(
+        &mut self,
+        membership_hash: u64,
+        versions: &[u64],
+        now: Instant,
+    ) -> Option<SynReply> {
+        let membership = self.membership();
+        if membership.hash != membership_hash || versions.len() != membership.members.len() * 2 {
+            return None;
+        }
+        let entries = membership
+            .members
+            .iter()
+            .zip(versions.chunks_exact(2))
+            .map(|((name, generation), v)| (name.as_str(), *generation, v[0], v[1]));
+        Some(self.reconcile(entries, now, true))
+    }
+
+    /// Compares a digest with what we hold. Heartbeats newer in the digest are taken from it
+    /// directly; with `positional`, heartbeats newer here go back by membership index.
+    fn reconcile<'a>(
+        &mut self,
+        entries: impl Iterator<Item = (&'a str, u64, u64, u64)>,
+        now: Instant,
+        positional: bool,
+    ) -> SynReply {
+        let mut budget = self.settings.delta_budget();
+        let mut reply = SynReply::default();
+        let request = |name: &str, generation, from_version| Request {
+            name: name.to_owned(),
+            generation,
+            from_version,
+        };
+        for (index, (name, generation, heartbeat, max_version)) in entries.enumerate() {
+            if self.is_forgotten(name, generation) {
+                continue;
+            }
+            // Nobody knows more about us than we do: never ask about ourselves.
+            let is_self = name == self.name;
+            match self.node(name) {
+                None => reply.requests.push(request(name, generation, 0)),
+                Some(node) if node.generation > generation => {
+                    reply.deltas.push(node.delta(name, 0, &mut budget))
+                }
+                Some(node) if node.generation < generation => {
+                    if !is_self {
+                        reply.requests.push(request(name, generation, 0));
+                    }
+                }
+                Some(node) => {
+                    if node.max_version > max_version || (node.heartbeat > heartbeat && !positional)
+                    {
+                        reply
+                            .deltas
+                            .push(node.delta(name, max_version, &mut budget));
+                    } else if node.heartbeat > heartbeat {
+                        reply.heartbeats.extend([index as u64, node.heartbeat]);
+                    }
+                    if !is_self && max_version > node.max_version {
+                        reply
+                            .requests
+                            .push(request(name, generation, node.max_version));
+                    }
+                    if !is_self && heartbeat > node.heartbeat {
+                        self.observe_heartbeat(name, heartbeat, now);
+                    }
+                }
+            }
+        }
+        reply
+    }
+
+    /// Initiator side, after the SynAck: applies its deltas and heartbeats (`membership` is the
+    /// one its CompactSyn was built on, if any) and answers its requests.
     pub fn handle_syn_ack(
         &mut self,
-        deltas: Vec<NodeDelta>,
-        requests: &[Request],
+        reply: SynReply,
+        membership: Option<&Membership>,
         now: Instant,
     ) -> Vec<NodeDelta> {
-        self.apply_deltas(deltas, now);
+        self.apply_deltas(reply.deltas, now);
+        if let Some(membership) = membership {
+            for pair in reply.heartbeats.chunks_exact(2) {
+                let Some((name, generation)) = membership.members.get(pair[0] as usize) else {
+                    continue;
+                };
+                let current = self
+                    .peers
+                    .get(name)
+                    .filter(|p| p.state.generation == *generation);
+                if current.is_some_and(|p| pair[1] > p.state.heartbeat) {
+                    self.observe_heartbeat(name, pair[1], now);
+                }
+            }
+        }
         let mut budget = self.settings.delta_budget();
-        requests
+        reply
+            .requests
             .iter()
             .filter_map(|r| {
                 let node = self.node(&r.name)?;
-                let from = if node.generation == r.generation { r.from_version } else { 0 };
+                let from = if node.generation == r.generation {
+                    r.from_version
+                } else {
+                    0
+                };
                 (node.generation >= r.generation).then(|| node.delta(&r.name, from, &mut budget))
             })
             .collect()
@@ -437,6 +591,7 @@ impl Cluster {
         let peer = match self.peers.get_mut(&delta.name) {
             Some(peer) if peer.state.generation > delta.generation => return,
             Some(peer) if peer.state.generation < delta.generation => {
+                self.membership = None;
                 peer.state = NodeState::new(delta.generation);
                 peer.state.heartbeat = delta.heartbeat;
                 peer.detector.reset();
@@ -461,6 +616,7 @@ impl Cluster {
                 let mut state = NodeState::new(delta.generation);
                 state.heartbeat = delta.heartbeat;
                 sink.emit(Event::NewPeer(&delta.name));
+                self.membership = None;
                 // Live until the delta's `left`, if any, is applied below and reported.
                 self.peers.entry(delta.name.clone()).or_insert(Peer {
                     state,
@@ -471,12 +627,18 @@ impl Cluster {
             }
         };
         let state = &mut peer.state;
-        if delta.from_version > state.max_version || delta.to_version <= state.max_version && !delta.left {
+        if delta.from_version > state.max_version
+            || delta.to_version <= state.max_version && !delta.left
+        {
             return;
         }
         for kv in delta.kvs {
             if kv.version > state.max_version {
-                sink.emit(Event::Update { peer: &delta.name, key: &kv.key, value: &kv.value });
+                sink.emit(Event::Update {
+                    peer: &delta.name,
+                    key: &kv.key,
+                    value: &kv.value,
+                });
                 state.insert(kv.key, kv.version, kv.value);
             }
         }
@@ -501,9 +663,17 @@ impl Cluster {
 
     /// Local changes to push, from where they started, within one frame; the rest stays queued.
     pub fn take_unpushed(&mut self) -> Vec<NodeDelta> {
-        let Some((generation, from)) = self.unpushed.take() else { return Vec::new() };
-        let from = if generation == self.local.generation { from } else { 0 };
-        let delta = self.local.delta(&self.name, from, &mut self.settings.delta_budget());
+        let Some((generation, from)) = self.unpushed.take() else {
+            return Vec::new();
+        };
+        let from = if generation == self.local.generation {
+            from
+        } else {
+            0
+        };
+        let delta = self
+            .local
+            .delta(&self.name, from, &mut self.settings.delta_budget());
         if delta.to_version < self.local.max_version {
             self.unpushed = Some((self.local.generation, delta.to_version));
         }
@@ -516,8 +686,12 @@ impl Cluster {
 
     /// Every live peer, shuffled: the recipients of a broadcast we start.
     pub fn broadcast_targets(&self, rng: &mut impl Rng) -> Vec<String> {
-        let mut live: Vec<String> =
-            self.peers.iter().filter(|(_, p)| p.live).map(|(n, _)| n.clone()).collect();
+        let mut live: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.live)
+            .map(|(n, _)| n.clone())
+            .collect();
         live.shuffle(rng);
         live
     }
@@ -538,7 +712,11 @@ impl Cluster {
             let mut live = Vec::new();
             let mut dead = Vec::new();
             for (name, peer) in &self.peers {
-                if peer.live { live.push(name) } else { dead.push(name) }
+                if peer.live {
+                    live.push(name)
+                } else {
+                    dead.push(name)
+                }
             }
             (live, dead)
         };
@@ -566,10 +744,6 @@ impl Cluster {
     }
 }
 
-fn request(entry: &DigestEntry, from_version: u64) -> Request {
-    Request { name: entry.name.clone(), generation: entry.generation, from_version }
-}
-
 fn revive_on_heartbeat(
     peer: &mut Peer,
     name: &str,
@@ -589,7 +763,6 @@ fn revive_on_heartbeat(
 pub fn check_local_write(key: &str, value: &[u8], limits: &Limits) -> Result<(), wire::Rejection> {
     wire::check_key_value(key, value, limits)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -638,17 +811,49 @@ mod tests {
         let limits = Limits::default();
         let roundtrip = |m: wire::Message, from: &str| {
             let bytes = wire::encode("gossiper", from, &m);
-            wire::decode(&bytes::BytesMut::from(&bytes[..]), "gossiper", &limits).unwrap().1
+            wire::decode(&bytes::BytesMut::from(&bytes[..]), "gossiper", &limits)
+                .unwrap()
+                .1
         };
-        let wire::Message::Syn { digest } = roundtrip(wire::Message::Syn { digest: a.digest() }, a.name())
-        else { unreachable!() };
-        let (deltas, requests) = b.handle_syn(&digest, now);
-        let wire::Message::SynAck { deltas, requests } =
-            roundtrip(wire::Message::SynAck { deltas, requests }, b.name())
-        else { unreachable!() };
-        let answers = a.handle_syn_ack(deltas, &requests, now);
-        let wire::Message::Ack { deltas } = roundtrip(wire::Message::Ack { deltas: answers }, a.name())
-        else { unreachable!() };
+        let wire::Message::Syn { digest } =
+            roundtrip(wire::Message::Syn { digest: a.digest() }, a.name())
+        else {
+            unreachable!()
+        };
+        let SynReply {
+            deltas,
+            requests,
+            heartbeats,
+        } = b.handle_syn(&digest, now);
+        let wire::Message::SynAck {
+            deltas,
+            requests,
+            heartbeats,
+        } = roundtrip(
+            wire::Message::SynAck {
+                deltas,
+                requests,
+                heartbeats,
+            },
+            b.name(),
+        )
+        else {
+            unreachable!()
+        };
+        let answers = a.handle_syn_ack(
+            SynReply {
+                deltas,
+                requests,
+                heartbeats,
+            },
+            None,
+            now,
+        );
+        let wire::Message::Ack { deltas } =
+            roundtrip(wire::Message::Ack { deltas: answers }, a.name())
+        else {
+            unreachable!()
+        };
         b.apply_deltas(deltas, now);
     }
 
@@ -666,13 +871,65 @@ mod tests {
         a.cluster.set_local("ka", msgpack("1"));
         b.cluster.set_local("kb", msgpack("2"));
         exchange(&mut a.cluster, &mut b.cluster, now);
-        assert_eq!(a.cluster.node_value("127.0.0.1:2", "kb"), Some(&msgpack("2")));
-        assert_eq!(b.cluster.node_value("127.0.0.1:1", "ka"), Some(&msgpack("1")));
-        assert_eq!(a.events.take(), ["new_peer 127.0.0.1:2", "update 127.0.0.1:2 kb [a1, 32]"]);
-        assert_eq!(b.events.take(), ["new_peer 127.0.0.1:1", "update 127.0.0.1:1 ka [a1, 31]"]);
+        assert_eq!(
+            a.cluster.node_value("127.0.0.1:2", "kb"),
+            Some(&msgpack("2"))
+        );
+        assert_eq!(
+            b.cluster.node_value("127.0.0.1:1", "ka"),
+            Some(&msgpack("1"))
+        );
+        assert_eq!(
+            a.events.take(),
+            ["new_peer 127.0.0.1:2", "update 127.0.0.1:2 kb [a1, 32]"]
+        );
+        assert_eq!(
+            b.events.take(),
+            ["new_peer 127.0.0.1:1", "update 127.0.0.1:1 ka [a1, 31]"]
+        );
         // Nothing new: a second exchange emits nothing and changes nothing.
         exchange(&mut a.cluster, &mut b.cluster, now);
         assert!(a.events.take().is_empty() && b.events.take().is_empty());
+    }
+
+    #[test]
+    fn compact_digest_works_once_memberships_agree() {
+        let mut now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        let (membership, versions) = a.cluster.compact_digest();
+        assert!(b.cluster.handle_compact_syn(membership.hash, &versions, now).is_none(), "b does not know a yet");
+        exchange(&mut a.cluster, &mut b.cluster, now);
+
+        now += Duration::from_secs(1);
+        b.cluster.tick(now, Duration::ZERO);
+        b.cluster.set_local("k", msgpack("v"));
+        a.cluster.tick(now, Duration::ZERO);
+        let (membership, versions) = a.cluster.compact_digest();
+        assert_eq!(versions, [1, 0, 0, 0], "heartbeat and max version per member, sorted by name");
+        let reply = b.cluster.handle_compact_syn(membership.hash, &versions, now).unwrap();
+        // b learned a's heartbeat from the digest; a gets b's key as a delta.
+        assert_eq!(b.cluster.peer_infos(now)[0].heartbeat, 1);
+        assert_eq!(reply.deltas.len(), 1);
+        assert!(reply.heartbeats.is_empty());
+        a.cluster.handle_syn_ack(reply, Some(&membership), now);
+        assert_eq!(a.cluster.node_value("127.0.0.1:2", "k"), Some(&msgpack("v")));
+
+        // A heartbeat-only difference travels as an index, not a named delta.
+        now += Duration::from_secs(1);
+        b.cluster.tick(now, Duration::ZERO);
+        let (membership, versions) = a.cluster.compact_digest();
+        let reply = b.cluster.handle_compact_syn(membership.hash, &versions, now).unwrap();
+        assert!(reply.deltas.is_empty());
+        assert_eq!(reply.heartbeats, [1, 2]);
+        a.cluster.handle_syn_ack(reply, Some(&membership), now);
+        assert_eq!(a.cluster.peer_infos(now)[0].heartbeat, 2);
+
+        // A membership change on either side makes the hash differ.
+        let mut c = node(3, 1, now);
+        exchange(&mut c.cluster, &mut b.cluster, now);
+        let (membership, versions) = a.cluster.compact_digest();
+        assert!(b.cluster.handle_compact_syn(membership.hash, &versions, now).is_none());
     }
 
     #[test]
@@ -684,11 +941,20 @@ mod tests {
             a.cluster.set_local(key, msgpack(value));
         }
         exchange(&mut b.cluster, &mut a.cluster, now);
-        let updates: Vec<String> = b.events.take().into_iter().filter(|e| e.starts_with("update")).collect();
+        let updates: Vec<String> = b
+            .events
+            .take()
+            .into_iter()
+            .filter(|e| e.starts_with("update"))
+            .collect();
         // x was overwritten: only its latest version travels, in its version's place.
         assert_eq!(
             updates,
-            ["update 127.0.0.1:1 y [a1, 32]", "update 127.0.0.1:1 x [a1, 33]", "update 127.0.0.1:1 z [a1, 34]"]
+            [
+                "update 127.0.0.1:1 y [a1, 32]",
+                "update 127.0.0.1:1 x [a1, 33]",
+                "update 127.0.0.1:1 z [a1, 34]"
+            ]
         );
         assert_eq!(b.cluster.node_keys("127.0.0.1:1"), ["y", "x", "z"]);
     }
@@ -751,13 +1017,25 @@ mod tests {
         let mut restarted = node(1, 200, now);
         restarted.cluster.set_local("v", msgpack("new"));
         exchange(&mut restarted.cluster, &mut b.cluster, now);
-        assert_eq!(b.cluster.node_value("127.0.0.1:1", "v"), Some(&msgpack("new")));
+        assert_eq!(
+            b.cluster.node_value("127.0.0.1:1", "v"),
+            Some(&msgpack("new"))
+        );
         assert_eq!(b.cluster.node_keys("127.0.0.1:1"), ["v"]);
 
         // A peer still holding the old incarnation cannot bring its values back.
-        let (deltas, requests) = b.cluster.handle_syn(&stale_a, now);
+        let SynReply {
+            deltas, requests, ..
+        } = b.cluster.handle_syn(&stale_a, now);
         assert!(requests.is_empty());
-        assert_eq!(deltas.iter().find(|d| d.name == "127.0.0.1:1").unwrap().generation, 200);
+        assert_eq!(
+            deltas
+                .iter()
+                .find(|d| d.name == "127.0.0.1:1")
+                .unwrap()
+                .generation,
+            200
+        );
         b.cluster.apply_deltas(
             vec![NodeDelta {
                 name: "127.0.0.1:1".into(),
@@ -766,11 +1044,18 @@ mod tests {
                 from_version: 0,
                 to_version: 2,
                 left: false,
-                kvs: vec![KeyValue { key: "v".into(), version: 1, value: msgpack("old") }],
+                kvs: vec![KeyValue {
+                    key: "v".into(),
+                    version: 1,
+                    value: msgpack("old"),
+                }],
             }],
             now,
         );
-        assert_eq!(b.cluster.node_value("127.0.0.1:1", "v"), Some(&msgpack("new")));
+        assert_eq!(
+            b.cluster.node_value("127.0.0.1:1", "v"),
+            Some(&msgpack("new"))
+        );
     }
 
     #[test]
@@ -780,9 +1065,17 @@ mod tests {
         a.cluster.set_local("x", msgpack("1"));
         a.cluster.set_local("y", msgpack("2"));
         a.cluster.set_local("x", msgpack("3"));
-        a.cluster.begin_incarnation("127.0.0.1:1".into(), 2, Duration::ZERO);
+        a.cluster
+            .begin_incarnation("127.0.0.1:1".into(), 2, Duration::ZERO);
         let digest = a.cluster.digest();
-        assert_eq!((digest[0].generation, digest[0].max_version, digest[0].heartbeat), (2, 2, 0));
+        assert_eq!(
+            (
+                digest[0].generation,
+                digest[0].max_version,
+                digest[0].heartbeat
+            ),
+            (2, 2, 0)
+        );
         assert_eq!(a.cluster.node_keys("127.0.0.1:1"), ["y", "x"]);
         assert_eq!(a.cluster.local_value("x"), Some(&msgpack("3")));
     }
@@ -798,7 +1091,11 @@ mod tests {
             from_version: from,
             to_version: to,
             left: false,
-            kvs: vec![KeyValue { key: format!("k{version}"), version, value: msgpack("v") }],
+            kvs: vec![KeyValue {
+                key: format!("k{version}"),
+                version,
+                value: msgpack("v"),
+            }],
         };
         b.cluster.apply_deltas(vec![delta(0, 1, 1)], now);
         b.cluster.apply_deltas(vec![delta(5, 6, 6)], now);
@@ -812,7 +1109,10 @@ mod tests {
     fn oversized_state_is_cut_at_a_version_boundary() {
         let now = Instant::now();
         let settings = Settings {
-            limits: Limits { max_frame_bytes: 4096, ..Limits::default() },
+            limits: Limits {
+                max_frame_bytes: 4096,
+                ..Limits::default()
+            },
             ..Settings::default()
         };
         let events = Arc::new(Recorder::default());
@@ -821,7 +1121,10 @@ mod tests {
         let mut b = Cluster::new(Arc::new(settings), Arc::new(Recorder::default()));
         b.begin_incarnation("127.0.0.1:2".into(), 1, Duration::ZERO);
         for i in 0..100 {
-            a.set_local(&format!("key{i}"), msgpack("0123456789012345678901234567890"));
+            a.set_local(
+                &format!("key{i}"),
+                msgpack("0123456789012345678901234567890"),
+            );
         }
         let mut rounds = 0;
         while b.node_keys("127.0.0.1:1").len() < 100 {
@@ -918,7 +1221,10 @@ mod tests {
         let pushed = a.cluster.take_unpushed();
         b.cluster.apply_deltas(pushed.clone(), now);
         assert_eq!(b.events.take(), ["peer_failed 127.0.0.1:1"]);
-        assert!(!b.cluster.has_unpushed(), "only the origin starts a broadcast");
+        assert!(
+            !b.cluster.has_unpushed(),
+            "only the origin starts a broadcast"
+        );
         // Anti-entropy spreads it too.
         exchange(&mut c.cluster, &mut b.cluster, now);
         assert_eq!(c.events.take(), ["peer_failed 127.0.0.1:1"]);
@@ -926,7 +1232,8 @@ mod tests {
         a.cluster.tick(now, Duration::ZERO);
         exchange(&mut a.cluster, &mut b.cluster, now);
         assert!(b.events.take().is_empty());
-        a.cluster.begin_incarnation("127.0.0.1:1".into(), 2, Duration::ZERO);
+        a.cluster
+            .begin_incarnation("127.0.0.1:1".into(), 2, Duration::ZERO);
         exchange(&mut a.cluster, &mut b.cluster, now);
         assert_eq!(b.events.take(), ["peer_alive 127.0.0.1:1"]);
     }
@@ -943,7 +1250,7 @@ mod tests {
         now += Duration::from_secs(24 * 3600);
         a.cluster.tick(now, Duration::ZERO);
         assert!(a.cluster.peer_names(None).is_empty());
-        let (_, requests) = a.cluster.handle_syn(&stale, now);
+        let requests = a.cluster.handle_syn(&stale, now).requests;
         assert!(requests.iter().all(|r| r.name != "127.0.0.1:2"));
     }
 
@@ -955,7 +1262,10 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(7);
         // Nobody live: always a seed, never ourselves.
         for _ in 0..100 {
-            assert_eq!(a.cluster.gossip_targets(&seeds, &mut rng), [Target::Seed("127.0.0.1:50".into())]);
+            assert_eq!(
+                a.cluster.gossip_targets(&seeds, &mut rng),
+                [Target::Seed("127.0.0.1:50".into())]
+            );
         }
         let mut peers: Vec<TestNode> = (2..12).map(|p| node(p, 1, now)).collect();
         for p in &mut peers {
@@ -966,7 +1276,10 @@ mod tests {
             let targets = a.cluster.gossip_targets(&seeds, &mut rng);
             assert!(matches!(targets[0], Target::Peer(_)));
             live_targets += 1;
-            seed_targets += targets.iter().filter(|t| matches!(t, Target::Seed(_))).count();
+            seed_targets += targets
+                .iter()
+                .filter(|t| matches!(t, Target::Seed(_)))
+                .count();
         }
         assert_eq!(live_targets, 1000);
         // One seed besides ourselves among 10 known peers: about one round in ten.
@@ -980,7 +1293,10 @@ mod tests {
         assert_eq!(a.cluster.peer_names(Some(true)).len(), 0);
         let targets = a.cluster.gossip_targets(&seeds, &mut rng);
         assert!(targets.contains(&Target::Seed("127.0.0.1:50".into())));
-        assert!(matches!(targets[0], Target::Peer(_)), "a failed peer with probability 10/1");
+        assert!(
+            matches!(targets[0], Target::Peer(_)),
+            "a failed peer with probability 10/1"
+        );
     }
 
     #[test]
@@ -992,9 +1308,11 @@ mod tests {
             let mut nodes: Vec<TestNode> = (0..50).map(|i| node(1000 + i, 1, now)).collect();
             nodes[17].cluster.set_local("hi", msgpack("there"));
             let mut rounds = 0;
-            while nodes.iter().any(|n| n.cluster.peer_names(Some(true)).len() < 49
-                || (n.cluster.name() != "127.0.0.1:1017" && n.cluster.node_value("127.0.0.1:1017", "hi").is_none()))
-            {
+            while nodes.iter().any(|n| {
+                n.cluster.peer_names(Some(true)).len() < 49
+                    || (n.cluster.name() != "127.0.0.1:1017"
+                        && n.cluster.node_value("127.0.0.1:1017", "hi").is_none())
+            }) {
                 rounds += 1;
                 assert!(rounds <= 30, "seed {seed}: no convergence in 30 rounds");
                 now += Duration::from_secs(1);

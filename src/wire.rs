@@ -96,18 +96,36 @@ pub struct Request {
     pub from_version: u64,
 }
 
-/// The messages of one exchange (Syn, SynAck, Ack) and the unsolicited Push.
+/// The messages of one exchange (Syn or CompactSyn, SynAck, Ack) and the unsolicited Push.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// Initiator → responder: the initiator's digest of every node it knows.
     Syn { digest: Vec<DigestEntry> },
+    /// The same digest without names or generations, for a responder that knows the same
+    /// nodes: `versions` holds `heartbeat, max_version` per node, in the order of the sorted
+    /// membership whose hash is `membership_hash`.
+    CompactSyn {
+        membership_hash: u64,
+        versions: Vec<u64>,
+    },
+    /// Responder → initiator, when its membership hash differs: send the named digest.
+    NeedDigest,
     /// Responder → initiator: what the initiator lacks, and what the responder wants.
-    SynAck { deltas: Vec<NodeDelta>, requests: Vec<Request> },
+    /// After a CompactSyn, newer heartbeats of nodes with nothing else new travel as
+    /// `index, heartbeat` pairs in `heartbeats` (indices into the sorted membership).
+    SynAck {
+        deltas: Vec<NodeDelta>,
+        requests: Vec<Request>,
+        heartbeats: Vec<u64>,
+    },
     /// Initiator → responder: the requested deltas. Ends the exchange.
     Ack { deltas: Vec<NodeDelta> },
     /// A fresh change, broadcast down a tree: the receiver applies `deltas`, then sends them on
     /// to `forward_to`, split among a few peers that each take a share of the rest.
-    Push { deltas: Vec<NodeDelta>, forward_to: Vec<String> },
+    Push {
+        deltas: Vec<NodeDelta>,
+        forward_to: Vec<String>,
+    },
 }
 
 impl Message {
@@ -117,6 +135,8 @@ impl Message {
             Message::SynAck { .. } => 2,
             Message::Ack { .. } => 3,
             Message::Push { .. } => 4,
+            Message::CompactSyn { .. } => 5,
+            Message::NeedDigest => 6,
         }
     }
 }
@@ -181,11 +201,20 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
     rmp_serde::encode::write(&mut out, &header).expect("header encodes");
     match message {
         Message::Syn { digest } => rmp_serde::encode::write(&mut out, &(digest,)),
-        Message::SynAck { deltas, requests } => {
-            rmp_serde::encode::write(&mut out, &(deltas, requests))
-        }
+        Message::SynAck {
+            deltas,
+            requests,
+            heartbeats,
+        } => rmp_serde::encode::write(&mut out, &(deltas, requests, heartbeats)),
+        Message::CompactSyn {
+            membership_hash,
+            versions,
+        } => rmp_serde::encode::write(&mut out, &(membership_hash, versions)),
+        Message::NeedDigest => rmp_serde::encode::write(&mut out, &()),
         Message::Ack { deltas } => rmp_serde::encode::write(&mut out, &(deltas,)),
-        Message::Push { deltas, forward_to } => rmp_serde::encode::write(&mut out, &(deltas, forward_to)),
+        Message::Push { deltas, forward_to } => {
+            rmp_serde::encode::write(&mut out, &(deltas, forward_to))
+        }
     }
     .expect("message encodes");
     Bytes::from(out)
@@ -212,13 +241,31 @@ pub fn decode(
             Message::Syn { digest }
         }
         2 => {
-            let (deltas, requests): (Vec<NodeDelta>, Vec<Request>) = read(&mut de)?;
-            Message::SynAck { deltas, requests }
+            let (deltas, requests, heartbeats): (Vec<NodeDelta>, Vec<Request>, Vec<u64>) =
+                read(&mut de)?;
+            Message::SynAck {
+                deltas,
+                requests,
+                heartbeats,
+            }
         }
-        3 => Message::Ack { deltas: read::<(Vec<NodeDelta>,)>(&mut de)?.0 },
+        3 => Message::Ack {
+            deltas: read::<(Vec<NodeDelta>,)>(&mut de)?.0,
+        },
         4 => {
             let (deltas, forward_to): (Vec<NodeDelta>, Vec<String>) = read(&mut de)?;
             Message::Push { deltas, forward_to }
+        }
+        5 => {
+            let (membership_hash, versions): (u64, Vec<u64>) = read(&mut de)?;
+            Message::CompactSyn {
+                membership_hash,
+                versions,
+            }
+        }
+        6 => {
+            let () = read(&mut de)?;
+            Message::NeedDigest
         }
         _ => return Err(Rejection::UnknownKind),
     };
@@ -295,6 +342,14 @@ fn check_deltas(deltas: &[NodeDelta], limits: &Limits) -> Result<(), Rejection> 
     Ok(())
 }
 
+/// A flat list of pairs of counters, one pair per node.
+fn check_pairs(values: &[u64], limits: &Limits) -> Result<(), Rejection> {
+    if values.len() % 2 != 0 || values.len() / 2 > limits.max_peers_per_message {
+        return Err(Rejection::OutOfBounds);
+    }
+    values.iter().try_for_each(|&n| check_counter(n))
+}
+
 fn check_message(message: &Message, limits: &Limits) -> Result<(), Rejection> {
     match message {
         Message::Syn { digest } => {
@@ -309,7 +364,14 @@ fn check_message(message: &Message, limits: &Limits) -> Result<(), Rejection> {
             }
             Ok(())
         }
-        Message::SynAck { deltas, requests } => {
+        Message::CompactSyn { versions, .. } => check_pairs(versions, limits),
+        Message::NeedDigest => Ok(()),
+        Message::SynAck {
+            deltas,
+            requests,
+            heartbeats,
+        } => {
+            check_pairs(heartbeats, limits)?;
             if requests.len() > limits.max_peers_per_message {
                 return Err(Rejection::OutOfBounds);
             }
@@ -336,13 +398,15 @@ mod tests {
     use super::*;
     use tokio_util::codec::{Decoder, Encoder};
 
-    const GOLDEN: [&str; 4] = [
+    const GOLDEN: [&str; 6] = [
         "9401a163ad31302e302e302e313a3930303001919194ad31302e302e302e313a39303030010203",
-        "9401a163ad31302e302e302e313a3930303002929197ad31302e302e302e323a3930303107030002c29193a1\
-         6b02c402a1769193ad31302e302e302e313a393030300100",
+        "9401a163ad31302e302e302e313a3930303002939197ad31302e302e302e323a3930303107030002c29193a1\
+         6b02c402a1769193ad31302e302e302e313a3930303001009200cd012c",
         "9401a163ad31302e302e302e313a3930303003919197ad31302e302e302e323a3930303107030002c29193a1\
          6b02c402a176",
         "9401a163ad31302e302e302e313a3930303004929091aa5b3a3a315d3a39303032",
+        "9401a163ad31302e302e302e313a393030300592cffffffffffffffffe940c00ce0001117003",
+        "9401a163ad31302e302e302e313a3930303006c0",
     ];
 
     fn hex(bytes: &[u8]) -> String {
@@ -361,7 +425,11 @@ mod tests {
             from_version: 0,
             to_version: 2,
             left: false,
-            kvs: vec![KeyValue { key: "k".into(), version: 2, value: Bytes::from_static(&[0xa1, b'v']) }],
+            kvs: vec![KeyValue {
+                key: "k".into(),
+                version: 2,
+                value: Bytes::from_static(&[0xa1, b'v']),
+            }],
         }
     }
 
@@ -377,18 +445,35 @@ mod tests {
             },
             Message::SynAck {
                 deltas: vec![delta()],
-                requests: vec![Request { name: "10.0.0.1:9000".into(), generation: 1, from_version: 0 }],
+                requests: vec![Request {
+                    name: "10.0.0.1:9000".into(),
+                    generation: 1,
+                    from_version: 0,
+                }],
+                heartbeats: vec![0, 300],
             },
-            Message::Ack { deltas: vec![delta()] },
-            Message::Push { deltas: vec![], forward_to: vec!["[::1]:9002".into()] },
+            Message::Ack {
+                deltas: vec![delta()],
+            },
+            Message::Push {
+                deltas: vec![],
+                forward_to: vec!["[::1]:9002".into()],
+            },
+            Message::CompactSyn {
+                membership_hash: u64::MAX - 1,
+                versions: vec![12, 0, 70000, 3],
+            },
+            Message::NeedDigest,
         ]
     }
 
     /// Fixed bytes for every message kind of protocol version 1: a change here breaks peers.
     #[test]
     fn golden_encodings() {
-        let encoded: Vec<String> =
-            samples().iter().map(|m| hex(&encode("c", "10.0.0.1:9000", m))).collect();
+        let encoded: Vec<String> = samples()
+            .iter()
+            .map(|m| hex(&encode("c", "10.0.0.1:9000", m)))
+            .collect();
         assert_eq!(encoded, GOLDEN);
     }
 
@@ -405,30 +490,50 @@ mod tests {
     #[test]
     fn wrong_cluster_version_and_kind_are_rejected() {
         let bytes = encode("a", "10.0.0.1:9000", &samples()[0]);
-        assert_eq!(decode(&frame(&bytes), "b", &Limits::default()), Err(Rejection::WrongCluster));
+        assert_eq!(
+            decode(&frame(&bytes), "b", &Limits::default()),
+            Err(Rejection::WrongCluster)
+        );
 
         let mut bytes = bytes.to_vec();
         bytes[1] = 9; // the version field
-        assert_eq!(decode(&frame(&bytes), "a", &Limits::default()), Err(Rejection::WrongVersion));
+        assert_eq!(
+            decode(&frame(&bytes), "a", &Limits::default()),
+            Err(Rejection::WrongVersion)
+        );
 
         let mut other = Vec::new();
         rmp_serde::encode::write(
             &mut other,
-            &Header { version: 1, cluster: "a".into(), from: "10.0.0.1:9000".into(), kind: 42 },
+            &Header {
+                version: 1,
+                cluster: "a".into(),
+                from: "10.0.0.1:9000".into(),
+                kind: 42,
+            },
         )
         .unwrap();
-        assert_eq!(decode(&frame(&other), "a", &Limits::default()), Err(Rejection::UnknownKind));
+        assert_eq!(
+            decode(&frame(&other), "a", &Limits::default()),
+            Err(Rejection::UnknownKind)
+        );
     }
 
     #[test]
     fn every_truncation_and_garbage_is_rejected() {
         let bytes = encode("c", "10.0.0.1:9000", &samples()[1]);
         for end in 0..bytes.len() {
-            assert!(decode(&frame(&bytes[..end]), "c", &Limits::default()).is_err(), "prefix {end}");
+            assert!(
+                decode(&frame(&bytes[..end]), "c", &Limits::default()).is_err(),
+                "prefix {end}"
+            );
         }
         let mut trailing = bytes.to_vec();
         trailing.push(0);
-        assert_eq!(decode(&frame(&trailing), "c", &Limits::default()), Err(Rejection::Malformed));
+        assert_eq!(
+            decode(&frame(&trailing), "c", &Limits::default()),
+            Err(Rejection::Malformed)
+        );
 
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..2000 {
@@ -448,35 +553,84 @@ mod tests {
     #[test]
     fn hostile_contents_are_rejected() {
         let limits = Limits::default();
-        let reject = |message: Message| decode(&frame(&encode("c", "10.0.0.1:9000", &message)), "c", &limits);
+        let reject = |message: Message| {
+            decode(
+                &frame(&encode("c", "10.0.0.1:9000", &message)),
+                "c",
+                &limits,
+            )
+        };
 
         let bad_name = Message::Syn {
-            digest: vec![DigestEntry { name: "evil".into(), generation: 1, heartbeat: 1, max_version: 1 }],
+            digest: vec![DigestEntry {
+                name: "evil".into(),
+                generation: 1,
+                heartbeat: 1,
+                max_version: 1,
+            }],
         };
         assert_eq!(reject(bad_name), Err(Rejection::BadName));
         assert_eq!(
-            decode(&frame(&encode("c", "localhost:1", &samples()[0])), "c", &limits),
+            decode(
+                &frame(&encode("c", "localhost:1", &samples()[0])),
+                "c",
+                &limits
+            ),
             Err(Rejection::BadName)
         );
 
         let mut absurd = delta();
         absurd.generation = u64::MAX;
-        assert_eq!(reject(Message::Push { deltas: vec![absurd], forward_to: vec![] }), Err(Rejection::OutOfBounds));
+        assert_eq!(
+            reject(Message::Push {
+                deltas: vec![absurd],
+                forward_to: vec![]
+            }),
+            Err(Rejection::OutOfBounds)
+        );
 
         let mut unordered = delta();
-        unordered.kvs.push(KeyValue { key: "j".into(), version: 1, value: Bytes::from_static(&[0xc0]) });
-        assert_eq!(reject(Message::Push { deltas: vec![unordered], forward_to: vec![] }), Err(Rejection::OutOfBounds));
+        unordered.kvs.push(KeyValue {
+            key: "j".into(),
+            version: 1,
+            value: Bytes::from_static(&[0xc0]),
+        });
+        assert_eq!(
+            reject(Message::Push {
+                deltas: vec![unordered],
+                forward_to: vec![]
+            }),
+            Err(Rejection::OutOfBounds)
+        );
 
         let mut not_msgpack = delta();
         not_msgpack.kvs[0].value = Bytes::from_static(&[0xc1]);
-        assert_eq!(reject(Message::Push { deltas: vec![not_msgpack], forward_to: vec![] }), Err(Rejection::BadKeyValue));
+        assert_eq!(
+            reject(Message::Push {
+                deltas: vec![not_msgpack],
+                forward_to: vec![]
+            }),
+            Err(Rejection::BadKeyValue)
+        );
 
         let mut empty_key = delta();
         empty_key.kvs[0].key.clear();
-        assert_eq!(reject(Message::Push { deltas: vec![empty_key], forward_to: vec![] }), Err(Rejection::BadKeyValue));
+        assert_eq!(
+            reject(Message::Push {
+                deltas: vec![empty_key],
+                forward_to: vec![]
+            }),
+            Err(Rejection::BadKeyValue)
+        );
 
-        let tight = Limits { max_peers_per_message: 1, ..Limits::default() };
-        let many = Message::Push { deltas: vec![delta(), delta()], forward_to: vec![] };
+        let tight = Limits {
+            max_peers_per_message: 1,
+            ..Limits::default()
+        };
+        let many = Message::Push {
+            deltas: vec![delta(), delta()],
+            forward_to: vec![],
+        };
         assert_eq!(
             decode(&frame(&encode("c", "10.0.0.1:9000", &many)), "c", &tight),
             Err(Rejection::OutOfBounds)
@@ -488,14 +642,26 @@ mod tests {
         for good in ["127.0.0.1:9000", "[::1]:9000", "[fe80::1]:1"] {
             assert_eq!(check_name(good), Ok(()), "{good}");
         }
-        for bad in ["", "evil", "127.0.0.1", "127.0.0.1:0", "127.000.0.1:1", "[::1]", "::1:80", "h:1"] {
+        for bad in [
+            "",
+            "evil",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.000.0.1:1",
+            "[::1]",
+            "::1:80",
+            "h:1",
+        ] {
             assert_eq!(check_name(bad), Err(Rejection::BadName), "{bad}");
         }
     }
 
     #[test]
     fn codec_rejects_oversized_frames() {
-        let limits = Limits { max_frame_bytes: 16, ..Limits::default() };
+        let limits = Limits {
+            max_frame_bytes: 16,
+            ..Limits::default()
+        };
         let mut codec = codec(&limits);
         let mut buf = BytesMut::new();
         codec.encode(Bytes::from_static(&[0; 8]), &mut buf).unwrap();
@@ -504,6 +670,8 @@ mod tests {
         let mut big = BytesMut::from(&[0, 0, 0, 17][..]);
         big.extend_from_slice(&[0; 17]);
         assert!(codec.decode(&mut big).is_err());
-        assert!(codec.encode(Bytes::from_static(&[0; 17]), &mut BytesMut::new()).is_err());
+        assert!(codec
+            .encode(Bytes::from_static(&[0; 17]), &mut BytesMut::new())
+            .is_err());
     }
 }
