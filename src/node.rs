@@ -637,14 +637,20 @@ async fn exchange(
     }
 }
 
-/// Broadcasts local changes as soon as they happen. Changes made while a broadcast is under way
-/// wait for it and go out together, so a burst of writes costs a few broadcasts.
+/// Broadcasts local changes as soon as they happen. Broadcasts start at most every
+/// `PUSH_SPACING`; changes made in between go out together, so a burst of writes costs a few
+/// broadcasts while a lone write leaves at once.
 async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut rng = SmallRng::from_entropy();
+    let mut last_broadcast = Instant::now() - PUSH_SPACING;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = shared.push_wanted.notified() => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(last_broadcast + PUSH_SPACING) => {}
         }
         let (deltas, targets) = {
             let mut cluster = shared.cluster();
@@ -655,6 +661,7 @@ async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
             }
             (cluster.take_unpushed(), targets)
         };
+        last_broadcast = Instant::now();
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = broadcast(&shared, deltas, targets) => {}
@@ -664,6 +671,8 @@ async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         }
     }
 }
+
+const PUSH_SPACING: Duration = Duration::from_millis(5);
 
 /// Sends `deltas` to every node in `targets` along a tree: the targets are split into
 /// `push_fanout` shares; the first reachable node of each share gets the push with the rest of

@@ -174,10 +174,86 @@ impl NodeState {
 /// A remote node and our view of its liveness.
 #[derive(Debug)]
 pub struct Peer {
+    pub name: String,
     pub state: NodeState,
     pub detector: PhiDetector,
     pub live: bool,
     dead_since: Option<Instant>,
+}
+
+/// FNV-1a for the peer index: names are short, and a round looks each known node up several
+/// times, where SipHash dominated the profile. Only validated `ip:port` names of nodes that
+/// reached us are ever keys.
+#[derive(Clone, Copy, Default)]
+struct FnvHasher(u64);
+
+impl std::hash::Hasher for FnvHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 { FNV_OFFSET } else { self.0 };
+        for &byte in bytes {
+            hash = (hash ^ byte as u64).wrapping_mul(FNV_PRIME);
+        }
+        self.0 = hash;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+type FnvBuild = std::hash::BuildHasherDefault<FnvHasher>;
+
+/// Peers in a dense vector with a name index, so that a membership can point at them by slot.
+#[derive(Debug, Default)]
+struct PeerTable {
+    slots: Vec<Peer>,
+    index: HashMap<String, usize, FnvBuild>,
+}
+
+impl PeerTable {
+    fn slot(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    fn get(&self, name: &str) -> Option<&Peer> {
+        self.slot(name).map(|i| &self.slots[i])
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut Peer> {
+        self.slot(name).map(|i| &mut self.slots[i])
+    }
+
+    fn insert(&mut self, peer: Peer) -> &mut Peer {
+        let slot = self.slots.len();
+        self.index.insert(peer.name.clone(), slot);
+        self.slots.push(peer);
+        &mut self.slots[slot]
+    }
+
+    /// Moves the last peer into the freed slot: slots are only stable while nothing is removed.
+    fn remove(&mut self, name: &str) -> Option<Peer> {
+        let slot = self.index.remove(name)?;
+        let peer = self.slots.swap_remove(slot);
+        if let Some(moved) = self.slots.get(slot) {
+            self.index.insert(moved.name.clone(), slot);
+        }
+        Some(peer)
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Peer> {
+        self.slots.iter()
+    }
+
+    fn iter_mut(&mut self) -> std::slice::IterMut<'_, Peer> {
+        self.slots.iter_mut()
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
 }
 
 /// Where one gossip round sends its digest.
@@ -192,20 +268,37 @@ pub enum Target {
 /// two nodes compare to know they can refer to nodes by position.
 #[derive(Debug)]
 pub struct Membership {
-    pub members: Vec<(String, u64)>,
+    pub members: Vec<Member>,
     pub hash: u64,
+    /// The cluster's `slot_epoch` when this was built.
+    slot_epoch: u64,
+}
+
+#[derive(Debug)]
+pub struct Member {
+    pub name: String,
+    pub generation: u64,
+    /// Valid while this membership is the cluster's current one.
+    slot: Slot,
+}
+
+/// Where a node's state lives: our own, or a slot of the peer table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Local,
+    Peer(usize),
 }
 
 impl Membership {
-    fn new(members: Vec<(String, u64)>) -> Self {
+    fn new(members: Vec<Member>, slot_epoch: u64) -> Self {
         // FNV-1a: stable across processes and versions, unlike std's hasher.
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for (name, generation) in &members {
-            for byte in name.bytes().chain([0]).chain(generation.to_le_bytes()) {
-                hash = (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        let mut hash = FNV_OFFSET;
+        for member in &members {
+            for byte in member.name.bytes().chain([0]).chain(member.generation.to_le_bytes()) {
+                hash = (hash ^ byte as u64).wrapping_mul(FNV_PRIME);
             }
         }
-        Membership { members, hash }
+        Membership { members, hash, slot_epoch }
     }
 }
 
@@ -234,13 +327,15 @@ pub struct Cluster {
     settings: Arc<Settings>,
     name: String,
     local: NodeState,
-    peers: HashMap<String, Peer>,
+    peers: PeerTable,
     /// Peers dropped after `dead_peer_ttl`: their generation at that time, and when.
     forgotten: HashMap<String, (u64, Instant)>,
     /// Local changes not pushed yet: the generation and the version they start after.
     unpushed: Option<(u64, u64)>,
     /// Cached until a node joins, changes generation or is forgotten.
     membership: Option<Arc<Membership>>,
+    /// Bumped whenever a peer leaves the table, which moves another into its slot.
+    slot_epoch: u64,
     sink: Arc<dyn EventSink>,
 }
 
@@ -250,10 +345,11 @@ impl Cluster {
             settings,
             name: String::new(),
             local: NodeState::default(),
-            peers: HashMap::new(),
+            peers: PeerTable::default(),
             forgotten: HashMap::new(),
             unpushed: None,
             membership: None,
+            slot_epoch: 0,
             sink,
         }
     }
@@ -279,9 +375,10 @@ impl Cluster {
         self.peers.remove(&name);
         self.name = name;
         self.membership = None;
+        self.slot_epoch += 1;
         // Announce the new incarnation, and everything it holds, as soon as anyone is known.
         self.unpushed = Some((generation, 0));
-        for peer in self.peers.values_mut() {
+        for peer in self.peers.iter_mut() {
             peer.detector.forgive(stopped_for);
         }
     }
@@ -324,6 +421,13 @@ impl Cluster {
         }
     }
 
+    fn node_at(&self, slot: Slot) -> &NodeState {
+        match slot {
+            Slot::Local => &self.local,
+            Slot::Peer(i) => &self.peers.slots[i].state,
+        }
+    }
+
     pub fn node_value(&self, name: &str, key: &str) -> Option<&Bytes> {
         self.node(name)?.value(key)
     }
@@ -336,8 +440,8 @@ impl Cluster {
         let mut names: Vec<String> = self
             .peers
             .iter()
-            .filter(|(_, p)| live.map_or(true, |l| p.live == l))
-            .map(|(n, _)| n.clone())
+            .filter(|p| live.is_none_or(|l| p.live == l))
+            .map(|p| p.name.clone())
             .collect();
         names.sort();
         names
@@ -347,8 +451,8 @@ impl Cluster {
         let mut infos: Vec<PeerInfo> = self
             .peers
             .iter()
-            .map(|(name, p)| PeerInfo {
-                name: name.clone(),
+            .map(|p| PeerInfo {
+                name: p.name.clone(),
                 generation: p.state.generation,
                 heartbeat: p.state.heartbeat,
                 max_version: p.state.max_version,
@@ -366,7 +470,7 @@ impl Cluster {
     pub fn tick(&mut self, now: Instant, stall: Duration) {
         self.local.heartbeat += 1;
         let settings = &self.settings;
-        for (name, peer) in self.peers.iter_mut() {
+        for peer in self.peers.iter_mut() {
             if !stall.is_zero() {
                 peer.detector.forgive(stall);
             }
@@ -374,21 +478,19 @@ impl Cluster {
                 peer.live = false;
                 peer.dead_since = Some(now);
                 peer.detector.reset();
-                self.sink.emit(Event::PeerFailed(name));
+                self.sink.emit(Event::PeerFailed(&peer.name));
             }
         }
         let ttl = settings.dead_peer_ttl;
         let expired: Vec<String> = self
             .peers
             .iter()
-            .filter(|(_, p)| {
-                p.dead_since
-                    .is_some_and(|t| now.saturating_duration_since(t) >= ttl)
-            })
-            .map(|(n, _)| n.clone())
+            .filter(|p| p.dead_since.is_some_and(|t| now.saturating_duration_since(t) >= ttl))
+            .map(|p| p.name.clone())
             .collect();
         for name in expired {
             self.membership = None;
+            self.slot_epoch += 1;
             if let Some(peer) = self.peers.remove(&name) {
                 self.forgotten.insert(name, (peer.state.generation, now));
             }
@@ -406,7 +508,7 @@ impl Cluster {
     pub fn digest(&self) -> Vec<DigestEntry> {
         let mut digest = Vec::with_capacity(self.peers.len() + 1);
         digest.push(self.local.digest(&self.name));
-        digest.extend(self.peers.iter().map(|(name, p)| p.state.digest(name)));
+        digest.extend(self.peers.iter().map(|p| p.state.digest(&p.name)));
         digest
     }
 
@@ -415,16 +517,16 @@ impl Cluster {
         if let Some(membership) = &self.membership {
             return membership.clone();
         }
-        let mut members: Vec<(String, u64)> =
-            std::iter::once((self.name.clone(), self.local.generation))
-                .chain(
-                    self.peers
-                        .iter()
-                        .map(|(n, p)| (n.clone(), p.state.generation)),
-                )
-                .collect();
-        members.sort_unstable();
-        let membership = Arc::new(Membership::new(members));
+        let local = Member { name: self.name.clone(), generation: self.local.generation, slot: Slot::Local };
+        let mut members: Vec<Member> = std::iter::once(local)
+            .chain(self.peers.iter().enumerate().map(|(i, p)| Member {
+                name: p.name.clone(),
+                generation: p.state.generation,
+                slot: Slot::Peer(i),
+            }))
+            .collect();
+        members.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let membership = Arc::new(Membership::new(members, self.slot_epoch));
         self.membership = Some(membership.clone());
         membership
     }
@@ -433,12 +535,9 @@ impl Cluster {
     pub fn compact_digest(&mut self) -> (Arc<Membership>, Vec<u64>) {
         let membership = self.membership();
         let mut versions = Vec::with_capacity(membership.members.len() * 2);
-        for (name, _) in &membership.members {
-            // Every member is a known node: the membership was built from them.
-            let node = self
-                .node(name)
-                .map_or((0, 0), |n| (n.heartbeat, n.max_version));
-            versions.extend([node.0, node.1]);
+        for member in &membership.members {
+            let node = self.node_at(member.slot);
+            versions.extend([node.heartbeat, node.max_version]);
         }
         (membership, versions)
     }
@@ -446,14 +545,12 @@ impl Cluster {
     /// Responder side of a named digest: what the initiator lacks (including nodes its digest
     /// does not name) and what to ask of it.
     pub fn handle_syn(&mut self, digest: &[DigestEntry], now: Instant) -> SynReply {
-        let entries = digest
-            .iter()
-            .map(|e| (e.name.as_str(), e.generation, e.heartbeat, e.max_version));
+        let entries = digest.iter().map(|e| (e.name.as_str(), e.generation, e.heartbeat, e.max_version, None));
         let mut reply = self.reconcile(entries, now, false);
         let named: HashSet<&str> = digest.iter().map(|e| e.name.as_str()).collect();
         let mut budget = self.settings.delta_budget();
         for (name, node) in std::iter::once((&self.name, &self.local))
-            .chain(self.peers.iter().map(|(n, p)| (n, &p.state)))
+            .chain(self.peers.iter().map(|p| (&p.name, &p.state)))
         {
             if !named.contains(name.as_str()) {
                 reply.deltas.push(node.delta(name, 0, &mut budget));
@@ -478,58 +575,55 @@ impl Cluster {
             .members
             .iter()
             .zip(versions.chunks_exact(2))
-            .map(|((name, generation), v)| (name.as_str(), *generation, v[0], v[1]));
+            .map(|(m, v)| (m.name.as_str(), m.generation, v[0], v[1], Some(m.slot)));
         Some(self.reconcile(entries, now, true))
     }
 
     /// Compares a digest with what we hold. Heartbeats newer in the digest are taken from it
-    /// directly; with `positional`, heartbeats newer here go back by membership index.
+    /// directly; with `positional`, heartbeats newer here go back by membership index. Entries
+    /// from our own membership carry their slot, which saves looking them up.
     fn reconcile<'a>(
         &mut self,
-        entries: impl Iterator<Item = (&'a str, u64, u64, u64)>,
+        entries: impl Iterator<Item = (&'a str, u64, u64, u64, Option<Slot>)>,
         now: Instant,
         positional: bool,
     ) -> SynReply {
         let mut budget = self.settings.delta_budget();
         let mut reply = SynReply::default();
-        let request = |name: &str, generation, from_version| Request {
-            name: name.to_owned(),
-            generation,
-            from_version,
-        };
-        for (index, (name, generation, heartbeat, max_version)) in entries.enumerate() {
-            if self.is_forgotten(name, generation) {
-                continue;
-            }
-            // Nobody knows more about us than we do: never ask about ourselves.
-            let is_self = name == self.name;
-            match self.node(name) {
-                None => reply.requests.push(request(name, generation, 0)),
-                Some(node) if node.generation > generation => {
-                    reply.deltas.push(node.delta(name, 0, &mut budget))
-                }
-                Some(node) if node.generation < generation => {
-                    if !is_self {
+        let request = |name: &str, generation, from_version| Request { name: name.to_owned(), generation, from_version };
+        for (index, (name, generation, heartbeat, max_version, slot)) in entries.enumerate() {
+            let slot = match slot {
+                Some(slot) => slot,
+                None if self.is_forgotten(name, generation) => continue,
+                None if name == self.name => Slot::Local,
+                None => match self.peers.slot(name) {
+                    Some(i) => Slot::Peer(i),
+                    None => {
                         reply.requests.push(request(name, generation, 0));
+                        continue;
                     }
+                },
+            };
+            // Nobody knows more about us than we do: never ask about ourselves.
+            let is_self = slot == Slot::Local;
+            let node = self.node_at(slot);
+            if node.generation > generation {
+                reply.deltas.push(node.delta(name, 0, &mut budget));
+            } else if node.generation < generation {
+                if !is_self {
+                    reply.requests.push(request(name, generation, 0));
                 }
-                Some(node) => {
-                    if node.max_version > max_version || (node.heartbeat > heartbeat && !positional)
-                    {
-                        reply
-                            .deltas
-                            .push(node.delta(name, max_version, &mut budget));
-                    } else if node.heartbeat > heartbeat {
-                        reply.heartbeats.extend([index as u64, node.heartbeat]);
-                    }
-                    if !is_self && max_version > node.max_version {
-                        reply
-                            .requests
-                            .push(request(name, generation, node.max_version));
-                    }
-                    if !is_self && heartbeat > node.heartbeat {
-                        self.observe_heartbeat(name, heartbeat, now);
-                    }
+            } else {
+                if node.max_version > max_version || (node.heartbeat > heartbeat && !positional) {
+                    reply.deltas.push(node.delta(name, max_version, &mut budget));
+                } else if node.heartbeat > heartbeat {
+                    reply.heartbeats.extend([index as u64, node.heartbeat]);
+                }
+                if !is_self && max_version > node.max_version {
+                    reply.requests.push(request(name, generation, node.max_version));
+                }
+                if let (Slot::Peer(i), true) = (slot, heartbeat > node.heartbeat) {
+                    self.observe_heartbeat(i, heartbeat, now);
                 }
             }
         }
@@ -547,15 +641,18 @@ impl Cluster {
         self.apply_deltas(reply.deltas, now);
         if let Some(membership) = membership {
             for pair in reply.heartbeats.chunks_exact(2) {
-                let Some((name, generation)) = membership.members.get(pair[0] as usize) else {
-                    continue;
+                let Some(member) = membership.members.get(pair[0] as usize) else { continue };
+                // Slots stay valid until a peer is removed; after that, look the name up.
+                let slot = match member.slot {
+                    Slot::Peer(i) if membership.slot_epoch == self.slot_epoch => i,
+                    _ => match self.peers.slot(&member.name) {
+                        Some(i) => i,
+                        None => continue,
+                    },
                 };
-                let current = self
-                    .peers
-                    .get(name)
-                    .filter(|p| p.state.generation == *generation);
-                if current.is_some_and(|p| pair[1] > p.state.heartbeat) {
-                    self.observe_heartbeat(name, pair[1], now);
+                let state = &self.peers.slots[slot].state;
+                if state.generation == member.generation && pair[1] > state.heartbeat {
+                    self.observe_heartbeat(slot, pair[1], now);
                 }
             }
         }
@@ -606,7 +703,7 @@ impl Cluster {
             Some(peer) => {
                 if delta.heartbeat > peer.state.heartbeat {
                     peer.state.heartbeat = delta.heartbeat;
-                    revive_on_heartbeat(peer, &delta.name, now, detector, sink.as_ref());
+                    revive_on_heartbeat(peer, now, detector, sink.as_ref());
                 }
                 peer
             }
@@ -618,7 +715,8 @@ impl Cluster {
                 sink.emit(Event::NewPeer(&delta.name));
                 self.membership = None;
                 // Live until the delta's `left`, if any, is applied below and reported.
-                self.peers.entry(delta.name.clone()).or_insert(Peer {
+                self.peers.insert(Peer {
+                    name: delta.name.clone(),
                     state,
                     detector: detector_state,
                     live: true,
@@ -654,11 +752,10 @@ impl Cluster {
         }
     }
 
-    fn observe_heartbeat(&mut self, name: &str, heartbeat: u64, now: Instant) {
-        if let Some(peer) = self.peers.get_mut(name) {
-            peer.state.heartbeat = heartbeat;
-            revive_on_heartbeat(peer, name, now, &self.settings.detector, self.sink.as_ref());
-        }
+    fn observe_heartbeat(&mut self, slot: usize, heartbeat: u64, now: Instant) {
+        let peer = &mut self.peers.slots[slot];
+        peer.state.heartbeat = heartbeat;
+        revive_on_heartbeat(peer, now, &self.settings.detector, self.sink.as_ref());
     }
 
     /// Local changes to push, from where they started, within one frame; the rest stays queued.
@@ -689,8 +786,8 @@ impl Cluster {
         let mut live: Vec<String> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.live)
-            .map(|(n, _)| n.clone())
+            .filter(|p| p.live)
+            .map(|p| p.name.clone())
             .collect();
         live.shuffle(rng);
         live
@@ -711,11 +808,11 @@ impl Cluster {
         let (live, dead): (Vec<&String>, Vec<&String>) = {
             let mut live = Vec::new();
             let mut dead = Vec::new();
-            for (name, peer) in &self.peers {
+            for peer in self.peers.iter() {
                 if peer.live {
-                    live.push(name)
+                    live.push(&peer.name)
                 } else {
-                    dead.push(name)
+                    dead.push(&peer.name)
                 }
             }
             (live, dead)
@@ -746,7 +843,6 @@ impl Cluster {
 
 fn revive_on_heartbeat(
     peer: &mut Peer,
-    name: &str,
     now: Instant,
     config: &DetectorConfig,
     sink: &dyn EventSink,
@@ -755,7 +851,7 @@ fn revive_on_heartbeat(
     if !peer.live && !peer.state.left {
         peer.live = true;
         peer.dead_since = None;
-        sink.emit(Event::PeerAlive(name));
+        sink.emit(Event::PeerAlive(&peer.name));
     }
 }
 
@@ -1334,5 +1430,35 @@ mod tests {
             }
             assert!(rounds <= 15, "seed {seed}: {rounds} rounds");
         }
+    }
+}
+
+#[cfg(test)]
+mod peer_table_tests {
+    use super::*;
+
+    fn peer(name: &str) -> Peer {
+        Peer {
+            name: name.into(),
+            state: NodeState::default(),
+            detector: PhiDetector::default(),
+            live: true,
+            dead_since: None,
+        }
+    }
+
+    #[test]
+    fn removal_keeps_the_index_consistent() {
+        let mut table = PeerTable::default();
+        for name in ["a", "b", "c", "d"] {
+            table.insert(peer(name));
+        }
+        assert_eq!(table.remove("b").map(|p| p.name), Some("b".into()));
+        assert!(table.remove("b").is_none());
+        for name in ["a", "c", "d"] {
+            assert_eq!(table.get(name).map(|p| p.name.as_str()), Some(name));
+        }
+        assert_eq!(table.len(), 3);
+        assert!(table.get("b").is_none());
     }
 }

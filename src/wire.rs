@@ -196,7 +196,13 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
         from: from.to_owned(),
         kind: message.kind(),
     };
-    let mut out = Vec::with_capacity(64);
+    // Sized for the common large messages, so encoding rarely reallocates.
+    let estimate = match message {
+        Message::Syn { digest } => digest.len() * 32,
+        Message::CompactSyn { versions, .. } => versions.len() * 5,
+        _ => 0,
+    };
+    let mut out = Vec::with_capacity(128 + estimate);
     // Writing into a Vec cannot fail, and every type here serializes.
     rmp_serde::encode::write(&mut out, &header).expect("header encodes");
     match message {
