@@ -22,6 +22,7 @@ const DEFAULTS = Object.freeze({
   address: undefined,
   clusterName: 'gossiper',
   gossipInterval: 1000,
+  gossipFanout: 1,
   phiThreshold: 8,
   maxInterval: 10000,
   deadPeerTtl: 24 * 3600 * 1000,
@@ -38,6 +39,7 @@ const DEFAULTS = Object.freeze({
 // [option, smallest, largest]
 const NUMERIC_OPTIONS = [
   ['gossipInterval', 1, 3600e3],
+  ['gossipFanout', 1, 16],
   ['phiThreshold', 0.1, 1000],
   ['maxInterval', 1, 65e3],
   ['deadPeerTtl', 1, 365 * 24 * 3600e3],
@@ -159,6 +161,7 @@ class Gossiper extends EventEmitter {
       seeds: options.seeds,
       clusterName: options.clusterName,
       gossipIntervalMs: options.gossipInterval,
+      gossipFanout: options.gossipFanout,
       phiThreshold: options.phiThreshold,
       maxIntervalMs: options.maxInterval,
       deadPeerTtlMs: options.deadPeerTtl,

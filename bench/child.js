@@ -9,7 +9,8 @@
 const { Gossiper } = require('..')
 
 const { seed, interval } = JSON.parse(process.argv[2])
-const gossiper = new Gossiper({ port: 0, address: '127.0.0.1', seeds: [seed], gossipInterval: interval })
+const extra = { clusterName: process.env.BENCH_CLUSTER, ...JSON.parse(process.env.BENCH_GOSSIPER_OPTIONS || '{}') }
+const gossiper = new Gossiper({ ...extra, port: 0, address: '127.0.0.1', seeds: [seed], gossipInterval: interval })
 
 process.on('disconnect', () => process.exit(0))
 

@@ -13,6 +13,10 @@ const { fork } = require('node:child_process')
 const { Gossiper } = require('..')
 
 const HOST = '127.0.0.1'
+// A cluster name of this run's own keeps other clusters on this machine out; the child
+// process inherits it. BENCH_GOSSIPER_OPTIONS (JSON) adds Gossiper options, e.g. '{"gossipFanout":2}'.
+process.env.BENCH_CLUSTER ??= `bench-${process.pid}`
+const EXTRA = { clusterName: process.env.BENCH_CLUSTER, ...JSON.parse(process.env.BENCH_GOSSIPER_OPTIONS || '{}') }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 const now = () => performance.now()
@@ -55,7 +59,7 @@ async function startCluster(n, interval) {
   const gossipers = []
   for (let i = 0; i < n; i++) {
     const seeds = i === 0 ? [] : [gossipers[0].peer_name]
-    const g = new Gossiper({ port: 0, address: HOST, seeds, gossipInterval: interval })
+    const g = new Gossiper({ ...EXTRA, port: 0, address: HOST, seeds, gossipInterval: interval })
     gossipers.push(g)
     await g.start()
   }
@@ -270,9 +274,9 @@ async function runThroughput(job, emit) {
   const sampleRss = () => { peak = Math.max(peak, process.memoryUsage().rss) }
   const sampler = setInterval(sampleRss, 100)
 
-  const a = new Gossiper({ port: 0, address: HOST, gossipInterval: interval })
+  const a = new Gossiper({ ...EXTRA, port: 0, address: HOST, gossipInterval: interval })
   await a.start()
-  const b = new Gossiper({ port: 0, address: HOST, seeds: [a.peer_name], gossipInterval: interval })
+  const b = new Gossiper({ ...EXTRA, port: 0, address: HOST, seeds: [a.peer_name], gossipInterval: interval })
   await b.start()
   try {
     const m = await waitMembership([a, b], [a.peer_name, b.peer_name], { since: now(), timeoutMs: limits.membershipMs, pollMs: 20 })

@@ -26,6 +26,7 @@ pub struct NativeOptions {
     pub seeds: Vec<String>,
     pub cluster_name: String,
     pub gossip_interval_ms: f64,
+    pub gossip_fanout: u32,
     pub phi_threshold: f64,
     pub max_interval_ms: f64,
     pub dead_peer_ttl_ms: f64,
@@ -183,9 +184,10 @@ impl NativeGossiper {
         let settings = Settings {
             cluster_name: options.cluster_name,
             gossip_interval,
+            gossip_fanout: options.gossip_fanout as usize,
             phi_threshold: options.phi_threshold,
             detector: crate::detector::DetectorConfig::for_interval(
-                gossip_interval,
+                gossip_interval / crate::protocol::BEATS_PER_ROUND,
                 millis(options.max_interval_ms),
             ),
             dead_peer_ttl: millis(options.dead_peer_ttl_ms),

@@ -1,6 +1,12 @@
 //! Phi-accrual failure detection (Hayashibara et al.), with the exponential model that
 //! node-gossip and Cassandra use: `phi = log10(e) * t / mean`, where `t` is the time since the
-//! last heartbeat increase and `mean` the mean of the recent intervals between increases.
+//! last heartbeat increase and `mean` the mean of the recent intervals between heartbeats.
+//!
+//! Gossip delivers a peer's heartbeat second-hand and often several beats at once, so an
+//! increase by `k` after `d` counts as `k` intervals of `d / k`: the mean tracks the peer's own
+//! pace rather than how often news of it happens to arrive, and every observer converges on the
+//! same mean. Detection then takes about the same time everywhere: the time the last heartbeat
+//! took to arrive plus `threshold / log10(e)` beats.
 //!
 //! Invariants: the window never holds more than `window_size` intervals and is updated in O(1);
 //! no interval above `max_interval` enters it, so one long outage cannot make later detection
@@ -18,21 +24,25 @@ const LOG10_E: f64 = 0.434_294_481_903_251_8;
 /// negligible once the window holds hundreds of real intervals.
 const PRIOR_SAMPLES: f64 = 4.0;
 
+/// At most this many intervals enter the window per observed increase, so a long-partitioned
+/// peer's jump costs O(1).
+const MAX_INTERVALS_PER_RISE: u64 = 8;
+
 #[derive(Clone, Debug)]
 pub struct DetectorConfig {
     pub window_size: usize,
     pub max_interval: Duration,
-    /// The mean assumed before intervals are seen: the gossip interval.
+    /// The mean assumed before intervals are seen: the interval between a node's heartbeats.
     pub bootstrap_interval: Duration,
 }
 
 impl DetectorConfig {
-    /// The window of node-gossip and Cassandra, starting from the gossip interval.
-    pub fn for_interval(gossip_interval: Duration, max_interval: Duration) -> Self {
+    /// The window of node-gossip and Cassandra, starting from the heartbeat interval.
+    pub fn for_interval(beat_interval: Duration, max_interval: Duration) -> Self {
         DetectorConfig {
             window_size: 1000,
             max_interval,
-            bootstrap_interval: gossip_interval,
+            bootstrap_interval: beat_interval,
         }
     }
 }
@@ -49,21 +59,30 @@ pub struct PhiDetector {
 }
 
 impl PhiDetector {
-    pub fn heartbeat(&mut self, now: Instant, config: &DetectorConfig) {
+    /// Records that the heartbeat rose by `rise` (at least 1) at `now`.
+    pub fn heartbeat(&mut self, now: Instant, rise: u64, config: &DetectorConfig) {
         if let Some(last) = self.last_heartbeat {
-            let capped = now.saturating_duration_since(last).min(config.max_interval);
-            let interval = capped.as_millis().min(u16::MAX as u128) as u16;
-            if self.intervals_ms.len() < config.window_size {
-                self.intervals_ms.push(interval);
-            } else {
-                let slot = &mut self.intervals_ms[self.next_slot];
-                self.sum_ms -= *slot as u64;
-                *slot = interval;
-                self.next_slot = (self.next_slot + 1) % config.window_size;
+            let rise = rise.max(1);
+            let per_beat = (now.saturating_duration_since(last) / rise.min(u32::MAX as u64) as u32)
+                .min(config.max_interval);
+            let interval = per_beat.as_millis().min(u16::MAX as u128) as u16;
+            for _ in 0..rise.min(MAX_INTERVALS_PER_RISE) {
+                self.record(interval, config.window_size);
             }
-            self.sum_ms += interval as u64;
         }
         self.last_heartbeat = Some(now.max(self.last_heartbeat.unwrap_or(now)));
+    }
+
+    fn record(&mut self, interval: u16, window_size: usize) {
+        if self.intervals_ms.len() < window_size {
+            self.intervals_ms.push(interval);
+        } else {
+            let slot = &mut self.intervals_ms[self.next_slot];
+            self.sum_ms -= *slot as u64;
+            *slot = interval;
+            self.next_slot = (self.next_slot + 1) % window_size;
+        }
+        self.sum_ms += interval as u64;
     }
 
     /// Suspicion that the peer is down; 0 right after a heartbeat, growing linearly with silence.
@@ -117,7 +136,7 @@ mod tests {
         let mut now = start;
         for _ in 0..count {
             now += every;
-            detector.heartbeat(now, &config());
+            detector.heartbeat(now, 1, &config());
         }
         now
     }
@@ -169,7 +188,7 @@ mod tests {
         assert_eq!(detector.window_len(), 0);
         assert_eq!(detector.mean_interval(), None);
         assert_eq!(detector.phi(now + Duration::from_secs(100), &config()), 0.0);
-        detector.heartbeat(now, &config());
+        detector.heartbeat(now, 1, &config());
         // Back to the bootstrap mean of one second.
         let phi = detector.phi(now + Duration::from_secs(10), &config());
         assert!((phi - 10.0 * LOG10_E).abs() < 1e-9);
@@ -179,7 +198,7 @@ mod tests {
     fn never_heard_peer_is_convicted_from_the_bootstrap_mean() {
         let mut detector = PhiDetector::default();
         let start = Instant::now();
-        detector.heartbeat(start, &config());
+        detector.heartbeat(start, 1, &config());
         assert_eq!(detector.window_len(), 0);
         assert!(detector.phi(start + Duration::from_secs(19), &config()) > 8.0);
         assert_eq!(PhiDetector::default().phi(start, &config()), 0.0);
@@ -190,11 +209,24 @@ mod tests {
         let mut detector = PhiDetector::default();
         let now = beat_every(&mut detector, Instant::now(), 2, Duration::from_secs(1));
         // The same heartbeat rise heard again through another path, 2 ms later.
-        detector.heartbeat(now + Duration::from_millis(2), &config());
+        detector.heartbeat(now + Duration::from_millis(2), 1, &config());
         assert_eq!(detector.mean_interval(), Some(Duration::from_millis(501)));
         // (1000 + 2 + 4 × 1000) / 6 ≈ 834 ms, not 501 ms.
         let phi = detector.phi(now + Duration::from_secs(2), &config());
         assert!((phi - LOG10_E * 1998.0 / (5002.0 / 6.0)).abs() < 1e-6, "{phi}");
+    }
+
+    #[test]
+    fn several_beats_heard_at_once_count_as_several_intervals() {
+        let mut detector = PhiDetector::default();
+        let start = Instant::now();
+        detector.heartbeat(start, 1, &config());
+        detector.heartbeat(start + Duration::from_secs(3), 3, &config());
+        assert_eq!(detector.window_len(), 3);
+        assert_eq!(detector.mean_interval(), Some(Duration::from_secs(1)));
+        // A jump after a long partition: bounded work, and the per-beat interval stays capped.
+        detector.heartbeat(start + Duration::from_secs(3600), 1_000_000, &config());
+        assert_eq!(detector.window_len(), 3 + 8);
     }
 
     #[test]

@@ -23,10 +23,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// Heartbeats per gossip round. Detection takes about 18.4 heartbeat intervals (phi 8) after the
+/// last heartbeat arrives, so beating twice a round halves it without any extra message.
+pub const BEATS_PER_ROUND: u32 = 2;
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub cluster_name: String,
     pub gossip_interval: Duration,
+    /// Live peers each round exchanges with.
+    pub gossip_fanout: usize,
     pub phi_threshold: f64,
     pub detector: DetectorConfig,
     /// A peer failed for this long is forgotten, and its generation ignored for as long again.
@@ -46,8 +52,9 @@ impl Default for Settings {
         Settings {
             cluster_name: "gossiper".into(),
             gossip_interval,
+            gossip_fanout: 1,
             phi_threshold: 8.0,
-            detector: DetectorConfig::for_interval(gossip_interval, Duration::from_secs(10)),
+            detector: DetectorConfig::for_interval(gossip_interval / BEATS_PER_ROUND, Duration::from_secs(10)),
             dead_peer_ttl: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
             push_fanout: 4,
@@ -99,7 +106,7 @@ pub struct NodeState {
     pub heartbeat: u64,
     pub max_version: u64,
     pub left: bool,
-    kvs: HashMap<String, Versioned>,
+    kvs: HashMap<String, Versioned, FnvBuild>,
     /// The same keys ordered by version, so a delta costs what it carries, not the whole map.
     by_version: BTreeMap<u64, String>,
 }
@@ -174,7 +181,7 @@ impl NodeState {
 /// A remote node and our view of its liveness.
 #[derive(Debug)]
 pub struct Peer {
-    pub name: String,
+    pub name: Name,
     pub state: NodeState,
     pub detector: PhiDetector,
     pub live: bool,
@@ -206,11 +213,15 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 type FnvBuild = std::hash::BuildHasherDefault<FnvHasher>;
 
+/// A node name shared by the peer table, its index and memberships: one allocation per peer,
+/// where a process may track a million of them.
+type Name = Arc<str>;
+
 /// Peers in a dense vector with a name index, so that a membership can point at them by slot.
 #[derive(Debug, Default)]
 struct PeerTable {
     slots: Vec<Peer>,
-    index: HashMap<String, usize, FnvBuild>,
+    index: HashMap<Name, usize, FnvBuild>,
 }
 
 impl PeerTable {
@@ -276,7 +287,7 @@ pub struct Membership {
 
 #[derive(Debug)]
 pub struct Member {
-    pub name: String,
+    pub name: Name,
     pub generation: u64,
     /// Valid while this membership is the cluster's current one.
     slot: Slot,
@@ -441,7 +452,7 @@ impl Cluster {
             .peers
             .iter()
             .filter(|p| live.is_none_or(|l| p.live == l))
-            .map(|p| p.name.clone())
+            .map(|p| p.name.to_string())
             .collect();
         names.sort();
         names
@@ -452,7 +463,7 @@ impl Cluster {
             .peers
             .iter()
             .map(|p| PeerInfo {
-                name: p.name.clone(),
+                name: p.name.to_string(),
                 generation: p.state.generation,
                 heartbeat: p.state.heartbeat,
                 max_version: p.state.max_version,
@@ -465,7 +476,7 @@ impl Cluster {
         infos
     }
 
-    /// One gossip round's bookkeeping: our heartbeat, convictions and forgetting. `stall` is how
+    /// One heartbeat's bookkeeping: our heartbeat, convictions and forgetting. `stall` is how
     /// late this tick is; that time is not counted against peers.
     pub fn tick(&mut self, now: Instant, stall: Duration) {
         self.local.heartbeat += 1;
@@ -486,7 +497,7 @@ impl Cluster {
             .peers
             .iter()
             .filter(|p| p.dead_since.is_some_and(|t| now.saturating_duration_since(t) >= ttl))
-            .map(|p| p.name.clone())
+            .map(|p| p.name.to_string())
             .collect();
         for name in expired {
             self.membership = None;
@@ -517,7 +528,7 @@ impl Cluster {
         if let Some(membership) = &self.membership {
             return membership.clone();
         }
-        let local = Member { name: self.name.clone(), generation: self.local.generation, slot: Slot::Local };
+        let local = Member { name: self.name.as_str().into(), generation: self.local.generation, slot: Slot::Local };
         let mut members: Vec<Member> = std::iter::once(local)
             .chain(self.peers.iter().enumerate().map(|(i, p)| Member {
                 name: p.name.clone(),
@@ -549,10 +560,10 @@ impl Cluster {
         let mut reply = self.reconcile(entries, now, false);
         let named: HashSet<&str> = digest.iter().map(|e| e.name.as_str()).collect();
         let mut budget = self.settings.delta_budget();
-        for (name, node) in std::iter::once((&self.name, &self.local))
-            .chain(self.peers.iter().map(|p| (&p.name, &p.state)))
+        for (name, node) in std::iter::once((self.name.as_str(), &self.local))
+            .chain(self.peers.iter().map(|p| (&*p.name, &p.state)))
         {
-            if !named.contains(name.as_str()) {
+            if !named.contains(name) {
                 reply.deltas.push(node.delta(name, 0, &mut budget));
             }
         }
@@ -575,7 +586,7 @@ impl Cluster {
             .members
             .iter()
             .zip(versions.chunks_exact(2))
-            .map(|(m, v)| (m.name.as_str(), m.generation, v[0], v[1], Some(m.slot)));
+            .map(|(m, v)| (&*m.name, m.generation, v[0], v[1], Some(m.slot)));
         Some(self.reconcile(entries, now, true))
     }
 
@@ -692,7 +703,7 @@ impl Cluster {
                 peer.state = NodeState::new(delta.generation);
                 peer.state.heartbeat = delta.heartbeat;
                 peer.detector.reset();
-                peer.detector.heartbeat(now, detector);
+                peer.detector.heartbeat(now, 1, detector);
                 if !peer.live && !delta.left {
                     peer.live = true;
                     peer.dead_since = None;
@@ -702,21 +713,22 @@ impl Cluster {
             }
             Some(peer) => {
                 if delta.heartbeat > peer.state.heartbeat {
+                    let rise = delta.heartbeat - peer.state.heartbeat;
                     peer.state.heartbeat = delta.heartbeat;
-                    revive_on_heartbeat(peer, now, detector, sink.as_ref());
+                    revive_on_heartbeat(peer, rise, now, detector, sink.as_ref());
                 }
                 peer
             }
             None => {
                 let mut detector_state = PhiDetector::default();
-                detector_state.heartbeat(now, detector);
+                detector_state.heartbeat(now, 1, detector);
                 let mut state = NodeState::new(delta.generation);
                 state.heartbeat = delta.heartbeat;
                 sink.emit(Event::NewPeer(&delta.name));
                 self.membership = None;
                 // Live until the delta's `left`, if any, is applied below and reported.
                 self.peers.insert(Peer {
-                    name: delta.name.clone(),
+                    name: delta.name.as_str().into(),
                     state,
                     detector: detector_state,
                     live: true,
@@ -754,8 +766,9 @@ impl Cluster {
 
     fn observe_heartbeat(&mut self, slot: usize, heartbeat: u64, now: Instant) {
         let peer = &mut self.peers.slots[slot];
+        let rise = heartbeat.saturating_sub(peer.state.heartbeat);
         peer.state.heartbeat = heartbeat;
-        revive_on_heartbeat(peer, now, &self.settings.detector, self.sink.as_ref());
+        revive_on_heartbeat(peer, rise, now, &self.settings.detector, self.sink.as_ref());
     }
 
     /// Local changes to push, from where they started, within one frame; the rest stays queued.
@@ -787,7 +800,7 @@ impl Cluster {
             .peers
             .iter()
             .filter(|p| p.live)
-            .map(|p| p.name.clone())
+            .map(|p| p.name.to_string())
             .collect();
         live.shuffle(rng);
         live
@@ -800,40 +813,41 @@ impl Cluster {
         names.retain(|n| self.peers.get(n).is_some_and(|p| p.live) && seen.insert(n.clone()));
     }
 
-    /// Cassandra's choice of whom to gossip with this round: one live peer; a failed one with
+    /// Cassandra's choice of whom to gossip with this round: `gossip_fanout` live peers (one in
+    /// Cassandra); a failed one with
     /// probability failed/(live+1); a seed when the live peer was not one or there are fewer
     /// live peers than seeds (always when nobody is live, otherwise with probability
     /// seeds/known).
     pub fn gossip_targets(&self, seeds: &[String], rng: &mut impl Rng) -> Vec<Target> {
-        let (live, dead): (Vec<&String>, Vec<&String>) = {
+        let (live, dead): (Vec<&str>, Vec<&str>) = {
             let mut live = Vec::new();
             let mut dead = Vec::new();
             for peer in self.peers.iter() {
                 if peer.live {
-                    live.push(&peer.name)
+                    live.push(&*peer.name)
                 } else {
-                    dead.push(&peer.name)
+                    dead.push(&*peer.name)
                 }
             }
             (live, dead)
         };
-        let seeds: Vec<&String> = seeds.iter().filter(|s| **s != self.name).collect();
-        let mut targets = Vec::with_capacity(3);
+        let seeds: Vec<&str> = seeds.iter().map(String::as_str).filter(|s| *s != self.name).collect();
+        let mut targets = Vec::with_capacity(self.settings.gossip_fanout + 2);
         let mut reached_seed = false;
-        if let Some(peer) = live.choose(rng) {
-            reached_seed = seeds.contains(peer);
-            targets.push(Target::Peer((*peer).clone()));
+        for peer in live.choose_multiple(rng, self.settings.gossip_fanout) {
+            reached_seed |= seeds.contains(peer);
+            targets.push(Target::Peer(peer.to_string()));
         }
         if let Some(peer) = dead.choose(rng) {
             if rng.gen_bool((dead.len() as f64 / (live.len() + 1) as f64).min(1.0)) {
-                targets.push(Target::Peer((*peer).clone()));
+                targets.push(Target::Peer(peer.to_string()));
             }
         }
         if !reached_seed || live.len() < seeds.len() {
             if let Some(seed) = seeds.choose(rng) {
                 let known = (live.len() + dead.len()) as f64;
                 if live.is_empty() || rng.gen_bool((seeds.len() as f64 / known).min(1.0)) {
-                    targets.push(Target::Seed((*seed).clone()));
+                    targets.push(Target::Seed(seed.to_string()));
                 }
             }
         }
@@ -841,13 +855,15 @@ impl Cluster {
     }
 }
 
+/// Records a heartbeat `rise` (already applied to the peer's state) and revives the peer.
 fn revive_on_heartbeat(
     peer: &mut Peer,
+    rise: u64,
     now: Instant,
     config: &DetectorConfig,
     sink: &dyn EventSink,
 ) {
-    peer.detector.heartbeat(now, config);
+    peer.detector.heartbeat(now, rise, config);
     if !peer.live && !peer.state.left {
         peer.live = true;
         peer.dead_since = None;
@@ -1253,8 +1269,9 @@ mod tests {
                 failed_after = Some(second);
             }
         }
-        // phi > 8 after about 18.4 mean intervals of silence.
-        assert_eq!(failed_after, Some(19));
+        // phi > 8 after about 18.4 mean intervals of silence: 30 one-second intervals and the
+        // prior of four half-second beats make a mean of 0.94 s.
+        assert_eq!(failed_after, Some(18));
         assert_eq!(a.cluster.peer_names(Some(false)), ["127.0.0.1:2"]);
         b.cluster.tick(now, Duration::ZERO);
         exchange(&mut b.cluster, &mut a.cluster, now);
@@ -1456,7 +1473,7 @@ mod peer_table_tests {
         assert_eq!(table.remove("b").map(|p| p.name), Some("b".into()));
         assert!(table.remove("b").is_none());
         for name in ["a", "c", "d"] {
-            assert_eq!(table.get(name).map(|p| p.name.as_str()), Some(name));
+            assert_eq!(table.get(name).map(|p| &*p.name), Some(name));
         }
         assert_eq!(table.len(), 3);
         assert!(table.get("b").is_none());
