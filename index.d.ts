@@ -48,9 +48,9 @@ export interface GossiperOptions {
   clusterName?: string
   /** Milliseconds between gossip rounds (and heartbeats). Default 1000. */
   gossipInterval?: number
-  /** Live peers each gossip round exchanges with (1-16): more means faster failure detection, more traffic. Default 1. */
+  /** Live peers each gossip round exchanges with (1-16): more spreads heartbeats faster (failure detection sooner and more even across observers), costs traffic and CPU. Default 1. */
   gossipFanout?: number
-  /** Phi above which a silent peer is reported failed; 8 is about 18 mean heartbeat intervals. Default 8. */
+  /** Phi above which a silent peer is reported failed; 8 is about 18.4 heartbeat intervals (one per round) after its last heartbeat arrived. Default 8. */
   phiThreshold?: number
   /** Milliseconds: heartbeat gaps longer than this are counted as this long by the failure detector. Default 10000. */
   maxInterval?: number

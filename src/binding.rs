@@ -187,7 +187,7 @@ impl NativeGossiper {
             gossip_fanout: options.gossip_fanout as usize,
             phi_threshold: options.phi_threshold,
             detector: crate::detector::DetectorConfig::for_interval(
-                gossip_interval / crate::protocol::BEATS_PER_ROUND,
+                gossip_interval,
                 millis(options.max_interval_ms),
             ),
             dead_peer_ttl: millis(options.dead_peer_ttl_ms),

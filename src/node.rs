@@ -6,7 +6,7 @@
 //! only once every one of them has ended. The cluster state sits behind a std mutex that is never
 //! held across an await.
 
-use crate::protocol::{BEATS_PER_ROUND, Cluster, EventSink, Membership, PeerInfo, Settings, SynReply, Target};
+use crate::protocol::{Cluster, EventSink, Membership, PeerInfo, Settings, SynReply, Target};
 use crate::wire::{self, Message, Rejection};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -511,30 +511,27 @@ fn wake_pusher(shared: &Shared) {
 
 async fn gossip_loop(shared: Arc<Shared>, cancel: CancellationToken, tasks: TaskTracker) {
     let interval = shared.settings.gossip_interval;
-    let beat = interval / BEATS_PER_ROUND;
     let mut rng = SmallRng::from_entropy();
     // Nodes started together should not all gossip in the same instant.
     let offset = interval.mul_f64(rand::Rng::gen::<f64>(&mut rng));
-    let mut ticker = tokio::time::interval_at(Instant::now() + offset, beat);
+    let mut ticker = tokio::time::interval_at(Instant::now() + offset, interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_tick = Instant::now() + offset - beat;
-    for beat_number in 0u64.. {
+    let mut last_tick = Instant::now() + offset - interval;
+    loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
         let now = Instant::now();
-        let late = now.saturating_duration_since(last_tick).saturating_sub(beat);
-        // A tick a whole round late means this process stalled: peers were not silent.
+        let late = now.saturating_duration_since(last_tick).saturating_sub(interval);
+        // A tick a whole interval late means this process stalled: peers were not silent.
         let stall = if late >= interval { late } else { Duration::ZERO };
         last_tick = now;
-        let gossip_now = beat_number % BEATS_PER_ROUND as u64 == 0;
-        let round = {
+        let (targets, (membership, versions)) = {
             let mut cluster = shared.cluster();
             cluster.tick(now, stall);
-            gossip_now.then(|| (cluster.gossip_targets(&shared.seeds, &mut rng), cluster.compact_digest()))
+            (cluster.gossip_targets(&shared.seeds, &mut rng), cluster.compact_digest())
         };
-        let Some((targets, (membership, versions))) = round else { continue };
         for target in targets {
             let shared = shared.clone();
             let (membership, versions) = (membership.clone(), versions.clone());

@@ -23,10 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Heartbeats per gossip round. Detection takes about 18.4 heartbeat intervals (phi 8) after the
-/// last heartbeat arrives, so beating twice a round halves it without any extra message.
-pub const BEATS_PER_ROUND: u32 = 2;
-
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub cluster_name: String,
@@ -54,7 +50,7 @@ impl Default for Settings {
             gossip_interval,
             gossip_fanout: 1,
             phi_threshold: 8.0,
-            detector: DetectorConfig::for_interval(gossip_interval / BEATS_PER_ROUND, Duration::from_secs(10)),
+            detector: DetectorConfig::for_interval(gossip_interval, Duration::from_secs(10)),
             dead_peer_ttl: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
             push_fanout: 4,
@@ -476,7 +472,7 @@ impl Cluster {
         infos
     }
 
-    /// One heartbeat's bookkeeping: our heartbeat, convictions and forgetting. `stall` is how
+    /// One round's bookkeeping: our heartbeat, convictions and forgetting. `stall` is how
     /// late this tick is; that time is not counted against peers.
     pub fn tick(&mut self, now: Instant, stall: Duration) {
         self.local.heartbeat += 1;
@@ -1269,9 +1265,8 @@ mod tests {
                 failed_after = Some(second);
             }
         }
-        // phi > 8 after about 18.4 mean intervals of silence: 30 one-second intervals and the
-        // prior of four half-second beats make a mean of 0.94 s.
-        assert_eq!(failed_after, Some(18));
+        // phi > 8 after about 18.4 mean intervals of silence.
+        assert_eq!(failed_after, Some(19));
         assert_eq!(a.cluster.peer_names(Some(false)), ["127.0.0.1:2"]);
         b.cluster.tick(now, Duration::ZERO);
         exchange(&mut b.cluster, &mut a.cluster, now);
