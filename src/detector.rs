@@ -8,7 +8,9 @@
 //! same mean. Detection then takes about the same time everywhere: the time the last heartbeat
 //! took to arrive plus `threshold / log10(e)` beats.
 //!
-//! Invariants: the window never holds more than `window_size` intervals and is updated in O(1);
+//! Invariants: the window holds the last 950 to 999 intervals once that many were seen (never
+//! more than `WINDOW`) and is updated in O(1) in 96 bytes, kept as sums of blocks of `BLOCK`
+//! intervals, because one process may track a million (node, peer) pairs;
 //! no interval above `max_interval` enters it, so one long outage cannot make later detection
 //! slow; and the mean always includes `PRIOR_SAMPLES` intervals of `bootstrap_interval`, so a
 //! peer that is never heard from again is still convicted in bounded time, and a young window
@@ -24,13 +26,19 @@ const LOG10_E: f64 = 0.434_294_481_903_251_8;
 /// negligible once the window holds hundreds of real intervals.
 const PRIOR_SAMPLES: f64 = 4.0;
 
+/// The window of node-gossip and Cassandra, in intervals.
+pub const WINDOW: usize = 1000;
+/// Intervals summed together; the window slides a block at a time.
+const BLOCK: u32 = 50;
+/// Full blocks kept besides the one filling, so the window never exceeds `WINDOW`.
+const BLOCKS: usize = WINDOW / BLOCK as usize - 1;
+
 /// At most this many intervals enter the window per observed increase, so a long-partitioned
 /// peer's jump costs O(1).
 const MAX_INTERVALS_PER_RISE: u64 = 8;
 
 #[derive(Clone, Debug)]
 pub struct DetectorConfig {
-    pub window_size: usize,
     pub max_interval: Duration,
     /// The mean assumed before intervals are seen: the interval between a node's heartbeats.
     pub bootstrap_interval: Duration,
@@ -40,21 +48,25 @@ impl DetectorConfig {
     /// The window of node-gossip and Cassandra, starting from the heartbeat interval.
     pub fn for_interval(beat_interval: Duration, max_interval: Duration) -> Self {
         DetectorConfig {
-            window_size: 1000,
             max_interval,
             bootstrap_interval: beat_interval,
         }
     }
 }
 
-/// One peer's heartbeat history. Intervals are kept as whole milliseconds in a `u16`, two bytes
-/// each, because one process may track a million (node, peer) pairs.
+/// One peer's heartbeat history, as millisecond sums of blocks of intervals.
 #[derive(Clone, Debug, Default)]
 pub struct PhiDetector {
-    intervals_ms: Vec<u16>,
-    /// Where the next interval goes once the window is full.
-    next_slot: usize,
+    /// Sums of the last `full_blocks` full blocks, a ring starting at `oldest_block`.
+    block_sums_ms: [u32; BLOCKS],
+    full_blocks: u8,
+    oldest_block: u8,
+    /// The block being filled.
+    filling_sum_ms: u32,
+    filling_len: u32,
+    /// Everything in the window: the full blocks and the filling one.
     sum_ms: u64,
+    len: u32,
     last_heartbeat: Option<Instant>,
 }
 
@@ -67,22 +79,35 @@ impl PhiDetector {
                 .min(config.max_interval);
             let interval = per_beat.as_millis().min(u16::MAX as u128) as u16;
             for _ in 0..rise.min(MAX_INTERVALS_PER_RISE) {
-                self.record(interval, config.window_size);
+                self.record(interval);
             }
         }
         self.last_heartbeat = Some(now.max(self.last_heartbeat.unwrap_or(now)));
     }
 
-    fn record(&mut self, interval: u16, window_size: usize) {
-        if self.intervals_ms.len() < window_size {
-            self.intervals_ms.push(interval);
-        } else {
-            let slot = &mut self.intervals_ms[self.next_slot];
-            self.sum_ms -= *slot as u64;
-            *slot = interval;
-            self.next_slot = (self.next_slot + 1) % window_size;
-        }
+    fn record(&mut self, interval: u16) {
+        self.filling_sum_ms += interval as u32;
+        self.filling_len += 1;
         self.sum_ms += interval as u64;
+        self.len += 1;
+        if self.filling_len < BLOCK {
+            return;
+        }
+        let full = self.full_blocks as usize;
+        let slot = if full < BLOCKS {
+            self.full_blocks += 1;
+            (self.oldest_block as usize + full) % BLOCKS
+        } else {
+            // The oldest block slides out of the window.
+            let oldest = self.oldest_block as usize;
+            self.sum_ms -= self.block_sums_ms[oldest] as u64;
+            self.len -= BLOCK;
+            self.oldest_block = ((oldest + 1) % BLOCKS) as u8;
+            oldest
+        };
+        self.block_sums_ms[slot] = self.filling_sum_ms;
+        self.filling_sum_ms = 0;
+        self.filling_len = 0;
     }
 
     /// Suspicion that the peer is down; 0 right after a heartbeat, growing linearly with silence.
@@ -91,7 +116,7 @@ impl PhiDetector {
             return 0.0;
         };
         let prior_ms = PRIOR_SAMPLES * config.bootstrap_interval.as_secs_f64() * 1000.0;
-        let mean_ms = (self.sum_ms as f64 + prior_ms) / (self.intervals_ms.len() as f64 + PRIOR_SAMPLES);
+        let mean_ms = (self.sum_ms as f64 + prior_ms) / (self.len as f64 + PRIOR_SAMPLES);
         let silence_ms = now.saturating_duration_since(last).as_secs_f64() * 1000.0;
         LOG10_E * silence_ms / mean_ms.max(1.0)
     }
@@ -110,12 +135,11 @@ impl PhiDetector {
     }
 
     pub fn window_len(&self) -> usize {
-        self.intervals_ms.len()
+        self.len as usize
     }
 
     pub fn mean_interval(&self) -> Option<Duration> {
-        (!self.intervals_ms.is_empty())
-            .then(|| Duration::from_micros(self.sum_ms * 1000 / self.intervals_ms.len() as u64))
+        (self.len > 0).then(|| Duration::from_micros(self.sum_ms * 1000 / self.len as u64))
     }
 }
 
@@ -156,17 +180,24 @@ mod tests {
     }
 
     #[test]
-    fn window_holds_at_most_window_size_intervals() {
+    fn window_holds_the_last_950_to_999_intervals() {
         let mut detector = PhiDetector::default();
-        let start = Instant::now();
-        let now = beat_every(&mut detector, start, 1000, Duration::from_secs(3));
-        assert_eq!(detector.window_len(), 999);
-        let now = beat_every(&mut detector, now, 1500, Duration::from_secs(1));
-        assert_eq!(detector.window_len(), 1000);
-        // Every 3 s interval has slid out: the mean is exactly the recent 1 s.
-        assert_eq!(detector.mean_interval(), Some(Duration::from_secs(1)));
-        beat_every(&mut detector, now, 500, Duration::from_secs(2));
-        assert_eq!(detector.mean_interval(), Some(Duration::from_millis(1500)));
+        let mut now = Instant::now();
+        detector.heartbeat(now, 1, &config());
+        for i in 1..=3000 {
+            now += Duration::from_secs(1);
+            detector.heartbeat(now, 1, &config());
+            let len = detector.window_len();
+            assert!(len <= WINDOW && (i < 1000 || len >= 950), "{i} intervals, window {len}");
+        }
+        let now = beat_every(&mut detector, now, 1500, Duration::from_secs(3));
+        // Every 1 s interval has slid out: the mean is exactly the recent 3 s.
+        assert_eq!(detector.mean_interval(), Some(Duration::from_secs(3)));
+        beat_every(&mut detector, now, 500, Duration::from_secs(1));
+        // 5000 intervals so far, a whole number of blocks: the window is the last 950, that is
+        // 500 of 1 s and 450 of 3 s.
+        assert_eq!(detector.window_len(), 950);
+        assert_eq!(detector.mean_interval(), Some(Duration::from_micros(1_947_368)));
     }
 
     #[test]
