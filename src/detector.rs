@@ -20,7 +20,7 @@
 use std::time::Duration;
 use tokio::time::Instant;
 
-const LOG10_E: f64 = 0.434_294_481_903_251_8;
+use std::f64::consts::LOG10_E;
 
 /// Weight of the bootstrap interval in the mean, in samples: decisive for a new peer,
 /// negligible once the window holds hundreds of real intervals.
@@ -188,7 +188,10 @@ mod tests {
             now += Duration::from_secs(1);
             detector.heartbeat(now, 1, &config());
             let len = detector.window_len();
-            assert!(len <= WINDOW && (i < 1000 || len >= 950), "{i} intervals, window {len}");
+            assert!(
+                len <= WINDOW && (i < 1000 || len >= 950),
+                "{i} intervals, window {len}"
+            );
         }
         let now = beat_every(&mut detector, now, 1500, Duration::from_secs(3));
         // Every 1 s interval has slid out: the mean is exactly the recent 3 s.
@@ -197,7 +200,10 @@ mod tests {
         // 5000 intervals so far, a whole number of blocks: the window is the last 950, that is
         // 500 of 1 s and 450 of 3 s.
         assert_eq!(detector.window_len(), 950);
-        assert_eq!(detector.mean_interval(), Some(Duration::from_micros(1_947_368)));
+        assert_eq!(
+            detector.mean_interval(),
+            Some(Duration::from_micros(1_947_368))
+        );
     }
 
     #[test]
@@ -244,7 +250,10 @@ mod tests {
         assert_eq!(detector.mean_interval(), Some(Duration::from_millis(501)));
         // (1000 + 2 + 4 × 1000) / 6 ≈ 834 ms, not 501 ms.
         let phi = detector.phi(now + Duration::from_secs(2), &config());
-        assert!((phi - LOG10_E * 1998.0 / (5002.0 / 6.0)).abs() < 1e-6, "{phi}");
+        assert!(
+            (phi - LOG10_E * 1998.0 / (5002.0 / 6.0)).abs() < 1e-6,
+            "{phi}"
+        );
     }
 
     #[test]

@@ -523,14 +523,23 @@ async fn gossip_loop(shared: Arc<Shared>, cancel: CancellationToken, tasks: Task
             _ = ticker.tick() => {}
         }
         let now = Instant::now();
-        let late = now.saturating_duration_since(last_tick).saturating_sub(interval);
+        let late = now
+            .saturating_duration_since(last_tick)
+            .saturating_sub(interval);
         // A tick a whole interval late means this process stalled: peers were not silent.
-        let stall = if late >= interval { late } else { Duration::ZERO };
+        let stall = if late >= interval {
+            late
+        } else {
+            Duration::ZERO
+        };
         last_tick = now;
         let (targets, (membership, versions)) = {
             let mut cluster = shared.cluster();
             cluster.tick(now, stall);
-            (cluster.gossip_targets(&shared.seeds, &mut rng), cluster.compact_digest())
+            (
+                cluster.gossip_targets(&shared.seeds, &mut rng),
+                cluster.compact_digest(),
+            )
         };
         for target in targets {
             let shared = shared.clone();

@@ -14,7 +14,7 @@
 //! never be papered over.
 
 use crate::detector::{DetectorConfig, PhiDetector};
-use crate::wire::{self, DigestEntry, KeyValue, Limits, NodeDelta, Request};
+use crate::wire::{DigestEntry, KeyValue, Limits, NodeDelta, Request};
 use bytes::Bytes;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -301,11 +301,20 @@ impl Membership {
         // FNV-1a: stable across processes and versions, unlike std's hasher.
         let mut hash = FNV_OFFSET;
         for member in &members {
-            for byte in member.name.bytes().chain([0]).chain(member.generation.to_le_bytes()) {
+            for byte in member
+                .name
+                .bytes()
+                .chain([0])
+                .chain(member.generation.to_le_bytes())
+            {
                 hash = (hash ^ byte as u64).wrapping_mul(FNV_PRIME);
             }
         }
-        Membership { members, hash, slot_epoch }
+        Membership {
+            members,
+            hash,
+            slot_epoch,
+        }
     }
 }
 
@@ -363,10 +372,6 @@ impl Cluster {
 
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    pub fn generation(&self) -> u64 {
-        self.local.generation
     }
 
     /// Starts a new incarnation. Local keys are kept and re-versioned under the new generation,
@@ -492,7 +497,10 @@ impl Cluster {
         let expired: Vec<String> = self
             .peers
             .iter()
-            .filter(|p| p.dead_since.is_some_and(|t| now.saturating_duration_since(t) >= ttl))
+            .filter(|p| {
+                p.dead_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= ttl)
+            })
             .map(|p| p.name.to_string())
             .collect();
         for name in expired {
@@ -524,7 +532,11 @@ impl Cluster {
         if let Some(membership) = &self.membership {
             return membership.clone();
         }
-        let local = Member { name: self.name.as_str().into(), generation: self.local.generation, slot: Slot::Local };
+        let local = Member {
+            name: self.name.as_str().into(),
+            generation: self.local.generation,
+            slot: Slot::Local,
+        };
         let mut members: Vec<Member> = std::iter::once(local)
             .chain(self.peers.iter().enumerate().map(|(i, p)| Member {
                 name: p.name.clone(),
@@ -552,7 +564,15 @@ impl Cluster {
     /// Responder side of a named digest: what the initiator lacks (including nodes its digest
     /// does not name) and what to ask of it.
     pub fn handle_syn(&mut self, digest: &[DigestEntry], now: Instant) -> SynReply {
-        let entries = digest.iter().map(|e| (e.name.as_str(), e.generation, e.heartbeat, e.max_version, None));
+        let entries = digest.iter().map(|e| {
+            (
+                e.name.as_str(),
+                e.generation,
+                e.heartbeat,
+                e.max_version,
+                None,
+            )
+        });
         let mut reply = self.reconcile(entries, now, false);
         let named: HashSet<&str> = digest.iter().map(|e| e.name.as_str()).collect();
         let mut budget = self.settings.delta_budget();
@@ -597,7 +617,11 @@ impl Cluster {
     ) -> SynReply {
         let mut budget = self.settings.delta_budget();
         let mut reply = SynReply::default();
-        let request = |name: &str, generation, from_version| Request { name: name.to_owned(), generation, from_version };
+        let request = |name: &str, generation, from_version| Request {
+            name: name.to_owned(),
+            generation,
+            from_version,
+        };
         for (index, (name, generation, heartbeat, max_version, slot)) in entries.enumerate() {
             let slot = match slot {
                 Some(slot) => slot,
@@ -622,12 +646,16 @@ impl Cluster {
                 }
             } else {
                 if node.max_version > max_version || (node.heartbeat > heartbeat && !positional) {
-                    reply.deltas.push(node.delta(name, max_version, &mut budget));
+                    reply
+                        .deltas
+                        .push(node.delta(name, max_version, &mut budget));
                 } else if node.heartbeat > heartbeat {
                     reply.heartbeats.extend([index as u64, node.heartbeat]);
                 }
                 if !is_self && max_version > node.max_version {
-                    reply.requests.push(request(name, generation, node.max_version));
+                    reply
+                        .requests
+                        .push(request(name, generation, node.max_version));
                 }
                 if let (Slot::Peer(i), true) = (slot, heartbeat > node.heartbeat) {
                     self.observe_heartbeat(i, heartbeat, now);
@@ -648,7 +676,9 @@ impl Cluster {
         self.apply_deltas(reply.deltas, now);
         if let Some(membership) = membership {
             for pair in reply.heartbeats.chunks_exact(2) {
-                let Some(member) = membership.members.get(pair[0] as usize) else { continue };
+                let Some(member) = membership.members.get(pair[0] as usize) else {
+                    continue;
+                };
                 // Slots stay valid until a peer is removed; after that, look the name up.
                 let slot = match member.slot {
                     Slot::Peer(i) if membership.slot_epoch == self.slot_epoch => i,
@@ -827,7 +857,11 @@ impl Cluster {
             }
             (live, dead)
         };
-        let seeds: Vec<&str> = seeds.iter().map(String::as_str).filter(|s| *s != self.name).collect();
+        let seeds: Vec<&str> = seeds
+            .iter()
+            .map(String::as_str)
+            .filter(|s| *s != self.name)
+            .collect();
         let mut targets = Vec::with_capacity(self.settings.gossip_fanout + 2);
         let mut reached_seed = false;
         for peer in live.choose_multiple(rng, self.settings.gossip_fanout) {
@@ -867,14 +901,10 @@ fn revive_on_heartbeat(
     }
 }
 
-/// Checks a local write against the same limits peers apply, so we never send what they drop.
-pub fn check_local_write(key: &str, value: &[u8], limits: &Limits) -> Result<(), wire::Rejection> {
-    wire::check_key_value(key, value, limits)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire;
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
     use std::sync::Mutex;
@@ -1006,7 +1036,12 @@ mod tests {
         let mut a = node(1, 1, now);
         let mut b = node(2, 1, now);
         let (membership, versions) = a.cluster.compact_digest();
-        assert!(b.cluster.handle_compact_syn(membership.hash, &versions, now).is_none(), "b does not know a yet");
+        assert!(
+            b.cluster
+                .handle_compact_syn(membership.hash, &versions, now)
+                .is_none(),
+            "b does not know a yet"
+        );
         exchange(&mut a.cluster, &mut b.cluster, now);
 
         now += Duration::from_secs(1);
@@ -1014,20 +1049,33 @@ mod tests {
         b.cluster.set_local("k", msgpack("v"));
         a.cluster.tick(now, Duration::ZERO);
         let (membership, versions) = a.cluster.compact_digest();
-        assert_eq!(versions, [1, 0, 0, 0], "heartbeat and max version per member, sorted by name");
-        let reply = b.cluster.handle_compact_syn(membership.hash, &versions, now).unwrap();
+        assert_eq!(
+            versions,
+            [1, 0, 0, 0],
+            "heartbeat and max version per member, sorted by name"
+        );
+        let reply = b
+            .cluster
+            .handle_compact_syn(membership.hash, &versions, now)
+            .unwrap();
         // b learned a's heartbeat from the digest; a gets b's key as a delta.
         assert_eq!(b.cluster.peer_infos(now)[0].heartbeat, 1);
         assert_eq!(reply.deltas.len(), 1);
         assert!(reply.heartbeats.is_empty());
         a.cluster.handle_syn_ack(reply, Some(&membership), now);
-        assert_eq!(a.cluster.node_value("127.0.0.1:2", "k"), Some(&msgpack("v")));
+        assert_eq!(
+            a.cluster.node_value("127.0.0.1:2", "k"),
+            Some(&msgpack("v"))
+        );
 
         // A heartbeat-only difference travels as an index, not a named delta.
         now += Duration::from_secs(1);
         b.cluster.tick(now, Duration::ZERO);
         let (membership, versions) = a.cluster.compact_digest();
-        let reply = b.cluster.handle_compact_syn(membership.hash, &versions, now).unwrap();
+        let reply = b
+            .cluster
+            .handle_compact_syn(membership.hash, &versions, now)
+            .unwrap();
         assert!(reply.deltas.is_empty());
         assert_eq!(reply.heartbeats, [1, 2]);
         a.cluster.handle_syn_ack(reply, Some(&membership), now);
@@ -1037,7 +1085,10 @@ mod tests {
         let mut c = node(3, 1, now);
         exchange(&mut c.cluster, &mut b.cluster, now);
         let (membership, versions) = a.cluster.compact_digest();
-        assert!(b.cluster.handle_compact_syn(membership.hash, &versions, now).is_none());
+        assert!(b
+            .cluster
+            .handle_compact_syn(membership.hash, &versions, now)
+            .is_none());
     }
 
     #[test]

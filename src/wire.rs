@@ -350,7 +350,7 @@ fn check_deltas(deltas: &[NodeDelta], limits: &Limits) -> Result<(), Rejection> 
 
 /// A flat list of pairs of counters, one pair per node.
 fn check_pairs(values: &[u64], limits: &Limits) -> Result<(), Rejection> {
-    if values.len() % 2 != 0 || values.len() / 2 > limits.max_peers_per_message {
+    if !values.len().is_multiple_of(2) || values.len() / 2 > limits.max_peers_per_message {
         return Err(Rejection::OutOfBounds);
     }
     values.iter().try_for_each(|&n| check_counter(n))
