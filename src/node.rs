@@ -6,7 +6,7 @@
 //! only once every one of them has ended. The cluster state sits behind a std mutex that is never
 //! held across an await.
 
-use crate::protocol::{Cluster, EventSink, Membership, PeerInfo, Settings, SynReply, Target};
+use crate::protocol::{Suspicion, Cluster, EventSink, Membership, PeerInfo, Settings, SynReply, Target};
 use crate::wire::{self, Message, Rejection};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -257,7 +257,7 @@ impl Node {
             .shared
             .cluster()
             .broadcast_targets(&mut SmallRng::from_entropy());
-        let announce = broadcast(&self.shared, deltas, targets);
+        let announce = push(&self.shared, deltas, targets);
         let _ = timeout(self.shared.settings.connect_timeout, announce).await;
         running.cancel.cancel();
         running.tasks.close();
@@ -451,6 +451,15 @@ async fn serve(shared: &Shared, mut conn: Connection) {
             let reply = shared.cluster().handle_syn(&digest, Instant::now());
             answer_syn(shared, conn, reply).await;
         }
+        Message::Suspect { name, generation, heartbeat, mut forward_to } => {
+            let suspicion = Suspicion { name, generation, heartbeat };
+            {
+                let mut cluster = shared.cluster();
+                cluster.corroborate(&suspicion, Instant::now());
+                cluster.retain_live(&mut forward_to);
+            }
+            forward_suspicion(shared, suspicion, forward_to).await;
+        }
         Message::Push {
             deltas,
             mut forward_to,
@@ -459,7 +468,7 @@ async fn serve(shared: &Shared, mut conn: Connection) {
             apply(shared, deltas);
             if let Some(deltas) = deltas_to_forward {
                 shared.cluster().retain_live(&mut forward_to);
-                broadcast(shared, deltas, forward_to).await;
+                push(shared, deltas, forward_to).await;
             }
         }
         _ => shared.counters.reject(Rejection::Unexpected),
@@ -533,14 +542,24 @@ async fn gossip_loop(shared: Arc<Shared>, cancel: CancellationToken, tasks: Task
             Duration::ZERO
         };
         last_tick = now;
-        let (targets, (membership, versions)) = {
+        let (convicted, targets, (membership, versions)) = {
             let mut cluster = shared.cluster();
-            cluster.tick(now, stall);
             (
+                cluster.tick(now, stall),
                 cluster.gossip_targets(&shared.seeds, &mut rng),
                 cluster.compact_digest(),
             )
         };
+        for suspicion in convicted {
+            let shared = shared.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = announce_suspicion(&shared, suspicion) => {}
+                }
+            });
+        }
         for target in targets {
             let shared = shared.clone();
             let (membership, versions) = (membership.clone(), versions.clone());
@@ -664,7 +683,7 @@ async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         last_broadcast = Instant::now();
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = broadcast(&shared, deltas, targets) => {}
+            _ = push(&shared, deltas, targets) => {}
         }
         if shared.cluster().has_unpushed() {
             shared.push_wanted.notify_one();
@@ -674,28 +693,33 @@ async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
 
 const PUSH_SPACING: Duration = Duration::from_millis(5);
 
-/// Sends `deltas` to every node in `targets` along a tree: the targets are split into
-/// `push_fanout` shares; the first reachable node of each share gets the push with the rest of
-/// its share to forward, so a broadcast to N nodes takes about log(N) hops. An unreachable node
-/// is skipped by its sender, so a dead peer does not cut off its share.
-async fn broadcast(shared: &Shared, deltas: Vec<wire::NodeDelta>, targets: Vec<String>) {
-    if deltas.is_empty() || targets.is_empty() {
+/// Broadcasts `deltas` to `targets` as a Push.
+async fn push(shared: &Shared, deltas: Vec<wire::NodeDelta>, targets: Vec<String>) {
+    if deltas.is_empty() {
+        return;
+    }
+    let message = |forward_to| Message::Push { deltas: deltas.clone(), forward_to };
+    broadcast(shared, targets, message).await;
+}
+
+/// Sends a message to every node in `targets` along a tree: the targets are split into
+/// `push_fanout` shares; the first reachable node of each share gets `message(rest of its
+/// share)` to forward, so a broadcast to N nodes takes about log(N) hops. An unreachable node is
+/// skipped by its sender, so a dead peer does not cut off its share.
+async fn broadcast(shared: &Shared, targets: Vec<String>, message: impl Fn(Vec<String>) -> Message) {
+    if targets.is_empty() {
         return;
     }
     let fanout = shared.settings.push_fanout.max(1);
     let share_len = targets.len().div_ceil(fanout);
     let shares = targets.chunks(share_len).map(|share| {
-        let deltas = &deltas;
+        let message = &message;
         async move {
             for (i, peer) in share.iter().enumerate() {
                 let Some(mut conn) = connect(shared, &Target::Peer(peer.clone())).await else {
                     continue;
                 };
-                let message = Message::Push {
-                    deltas: deltas.clone(),
-                    forward_to: share[i + 1..].to_vec(),
-                };
-                if send(shared, &mut conn, &message).await.is_ok() {
+                if send(shared, &mut conn, &message(share[i + 1..].to_vec())).await.is_ok() {
                     shared.counters.pushes_sent.fetch_add(1, Relaxed);
                     return;
                 }
@@ -703,4 +727,20 @@ async fn broadcast(shared: &Shared, deltas: Vec<wire::NodeDelta>, targets: Vec<S
         }
     });
     futures_util::future::join_all(shares).await;
+}
+
+/// Tells every live peer about a conviction of ours (see `Cluster::corroborate`).
+async fn announce_suspicion(shared: &Shared, suspicion: Suspicion) {
+    let targets = shared.cluster().broadcast_targets(&mut SmallRng::from_entropy());
+    forward_suspicion(shared, suspicion, targets).await;
+}
+
+async fn forward_suspicion(shared: &Shared, suspicion: Suspicion, targets: Vec<String>) {
+    let message = |forward_to| Message::Suspect {
+        name: suspicion.name.clone(),
+        generation: suspicion.generation,
+        heartbeat: suspicion.heartbeat,
+        forward_to,
+    };
+    broadcast(shared, targets, message).await;
 }

@@ -318,6 +318,17 @@ impl Membership {
     }
 }
 
+/// A conviction as it is announced to other nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Suspicion {
+    pub name: String,
+    pub generation: u64,
+    pub heartbeat: u64,
+}
+
+/// The share of the threshold a node's own phi must reach to accept another's conviction.
+const CORROBORATION: f64 = 0.5;
+
 /// A responder's answer to a digest: the SynAck's contents.
 #[derive(Debug, Default)]
 pub struct SynReply {
@@ -479,18 +490,22 @@ impl Cluster {
 
     /// One round's bookkeeping: our heartbeat, convictions and forgetting. `stall` is how
     /// late this tick is; that time is not counted against peers.
-    pub fn tick(&mut self, now: Instant, stall: Duration) {
+    /// Returns the peers convicted now, for the caller to announce.
+    pub fn tick(&mut self, now: Instant, stall: Duration) -> Vec<Suspicion> {
         self.local.heartbeat += 1;
         let settings = &self.settings;
+        let mut convicted = Vec::new();
         for peer in self.peers.iter_mut() {
             if !stall.is_zero() {
                 peer.detector.forgive(stall);
             }
             if peer.live && peer.detector.phi(now, &settings.detector) > settings.phi_threshold {
-                peer.live = false;
-                peer.dead_since = Some(now);
-                peer.detector.reset();
-                self.sink.emit(Event::PeerFailed(&peer.name));
+                convicted.push(Suspicion {
+                    name: peer.name.to_string(),
+                    generation: peer.state.generation,
+                    heartbeat: peer.state.heartbeat,
+                });
+                fail(peer, now, self.sink.as_ref());
             }
         }
         let ttl = settings.dead_peer_ttl;
@@ -512,6 +527,25 @@ impl Cluster {
         }
         self.forgotten
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
+        convicted
+    }
+
+    /// Another node convicted `suspicion`. We agree, and report the failure now, when we hold
+    /// nothing newer of that peer and have not heard from it for half the silence that would
+    /// convict it here: a failure then shows everywhere at about the time its first observer
+    /// saw it, while a lone false suspicion convicts nobody who hears the peer well.
+    pub fn corroborate(&mut self, suspicion: &Suspicion, now: Instant) -> bool {
+        let Some(slot) = self.peers.slot(&suspicion.name) else { return false };
+        let peer = &mut self.peers.slots[slot];
+        let settings = &self.settings;
+        let agrees = peer.live
+            && peer.state.generation == suspicion.generation
+            && peer.state.heartbeat <= suspicion.heartbeat
+            && peer.detector.phi(now, &settings.detector) >= settings.phi_threshold * CORROBORATION;
+        if agrees {
+            fail(peer, now, self.sink.as_ref());
+        }
+        agrees
     }
 
     fn is_forgotten(&self, name: &str, generation: u64) -> bool {
@@ -782,10 +816,7 @@ impl Cluster {
         if delta.left && !state.left {
             state.left = true;
             if peer.live {
-                peer.live = false;
-                peer.dead_since = Some(now);
-                peer.detector.reset();
-                sink.emit(Event::PeerFailed(&delta.name));
+                fail(peer, now, sink.as_ref());
             }
         }
     }
@@ -883,6 +914,13 @@ impl Cluster {
         }
         targets
     }
+}
+
+fn fail(peer: &mut Peer, now: Instant, sink: &dyn EventSink) {
+    peer.live = false;
+    peer.dead_since = Some(now);
+    peer.detector.reset();
+    sink.emit(Event::PeerFailed(&peer.name));
 }
 
 /// Records a heartbeat `rise` (already applied to the peer's state) and revives the peer.
@@ -1324,6 +1362,29 @@ mod tests {
         assert_eq!(a.events.take(), ["peer_alive 127.0.0.1:2"]);
         exchange(&mut b.cluster, &mut a.cluster, now);
         assert!(a.events.take().is_empty());
+    }
+
+    #[test]
+    fn another_nodes_conviction_is_taken_only_from_a_silent_peer() {
+        let mut now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        for _ in 0..10 {
+            now += Duration::from_secs(1);
+            b.cluster.tick(now, Duration::ZERO);
+            exchange(&mut b.cluster, &mut a.cluster, now);
+        }
+        a.events.take();
+        let suspicion = |heartbeat, generation| Suspicion { name: "127.0.0.1:2".into(), generation, heartbeat };
+        // Heard from a second ago: a's own phi is far below half the threshold.
+        assert!(!a.cluster.corroborate(&suspicion(10, 1), now + Duration::from_secs(1)));
+        // Silent for 10 s (phi about 4.3): a agrees, once.
+        now += Duration::from_secs(10);
+        assert!(!a.cluster.corroborate(&suspicion(10, 2), now), "another generation");
+        assert!(!a.cluster.corroborate(&suspicion(9, 1), now), "we hold a newer heartbeat");
+        assert!(a.cluster.corroborate(&suspicion(10, 1), now));
+        assert_eq!(a.events.take(), ["peer_failed 127.0.0.1:2"]);
+        assert!(!a.cluster.corroborate(&suspicion(10, 1), now));
     }
 
     #[test]

@@ -126,6 +126,15 @@ pub enum Message {
         deltas: Vec<NodeDelta>,
         forward_to: Vec<String>,
     },
+    /// "I convicted `name` at `generation`, last heard at `heartbeat`", broadcast like a Push.
+    /// A receiver that has not heard from that node for a while either convicts it too, so
+    /// that a failure is reported at about the same time everywhere.
+    Suspect {
+        name: String,
+        generation: u64,
+        heartbeat: u64,
+        forward_to: Vec<String>,
+    },
 }
 
 impl Message {
@@ -137,6 +146,7 @@ impl Message {
             Message::Push { .. } => 4,
             Message::CompactSyn { .. } => 5,
             Message::NeedDigest => 6,
+            Message::Suspect { .. } => 7,
         }
     }
 }
@@ -217,6 +227,9 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
             versions,
         } => rmp_serde::encode::write(&mut out, &(membership_hash, versions)),
         Message::NeedDigest => rmp_serde::encode::write(&mut out, &()),
+        Message::Suspect { name, generation, heartbeat, forward_to } => {
+            rmp_serde::encode::write(&mut out, &(name, generation, heartbeat, forward_to))
+        }
         Message::Ack { deltas } => rmp_serde::encode::write(&mut out, &(deltas,)),
         Message::Push { deltas, forward_to } => {
             rmp_serde::encode::write(&mut out, &(deltas, forward_to))
@@ -272,6 +285,10 @@ pub fn decode(
         6 => {
             let () = read(&mut de)?;
             Message::NeedDigest
+        }
+        7 => {
+            let (name, generation, heartbeat, forward_to): (String, u64, u64, Vec<String>) = read(&mut de)?;
+            Message::Suspect { name, generation, heartbeat, forward_to }
         }
         _ => return Err(Rejection::UnknownKind),
     };
@@ -390,13 +407,23 @@ fn check_message(message: &Message, limits: &Limits) -> Result<(), Rejection> {
         }
         Message::Ack { deltas } => check_deltas(deltas, limits),
         Message::Push { deltas, forward_to } => {
-            if forward_to.len() > limits.max_peers_per_message {
-                return Err(Rejection::OutOfBounds);
-            }
-            forward_to.iter().try_for_each(|name| check_name(name))?;
+            check_forward_to(forward_to, limits)?;
             check_deltas(deltas, limits)
         }
+        Message::Suspect { name, generation, heartbeat, forward_to } => {
+            check_forward_to(forward_to, limits)?;
+            check_name(name)?;
+            check_counter(*generation)?;
+            check_counter(*heartbeat)
+        }
     }
+}
+
+fn check_forward_to(forward_to: &[String], limits: &Limits) -> Result<(), Rejection> {
+    if forward_to.len() > limits.max_peers_per_message {
+        return Err(Rejection::OutOfBounds);
+    }
+    forward_to.iter().try_for_each(|name| check_name(name))
 }
 
 #[cfg(test)]
@@ -404,7 +431,7 @@ mod tests {
     use super::*;
     use tokio_util::codec::{Decoder, Encoder};
 
-    const GOLDEN: [&str; 6] = [
+    const GOLDEN: [&str; 7] = [
         "9401a163ad31302e302e302e313a3930303001919194ad31302e302e302e313a39303030010203",
         "9401a163ad31302e302e302e313a3930303002939197ad31302e302e302e323a3930303107030002c29193a1\
          6b02c402a1769193ad31302e302e302e313a3930303001009200cd012c",
@@ -413,6 +440,7 @@ mod tests {
         "9401a163ad31302e302e302e313a3930303004929091aa5b3a3a315d3a39303032",
         "9401a163ad31302e302e302e313a393030300592cffffffffffffffffe940c00ce0001117003",
         "9401a163ad31302e302e302e313a3930303006c0",
+        "9401a163ad31302e302e302e313a393030300794ad31302e302e302e323a39303031070390",
     ];
 
     fn hex(bytes: &[u8]) -> String {
@@ -470,6 +498,12 @@ mod tests {
                 versions: vec![12, 0, 70000, 3],
             },
             Message::NeedDigest,
+            Message::Suspect {
+                name: "10.0.0.2:9001".into(),
+                generation: 7,
+                heartbeat: 3,
+                forward_to: vec![],
+            },
         ]
     }
 
