@@ -545,7 +545,7 @@ async fn gossip_loop(shared: Arc<Shared>, cancel: CancellationToken, tasks: Task
         let (convicted, targets, (membership, versions)) = {
             let mut cluster = shared.cluster();
             (
-                cluster.tick(now, stall),
+                cluster.tick(now, stall, &mut rng),
                 cluster.gossip_targets(&shared.seeds, &mut rng),
                 cluster.compact_digest(),
             )

@@ -182,6 +182,10 @@ pub struct Peer {
     pub detector: PhiDetector,
     pub live: bool,
     dead_since: Option<Instant>,
+    /// Another node convicted this peer while we were already somewhat suspicious (phi at least
+    /// three eighths of the threshold) but not enough to agree: we will once our own phi is
+    /// three quarters of the way, unless it beats first.
+    suspected: bool,
 }
 
 /// FNV-1a for the peer index: names are short, and a round looks each known node up several
@@ -327,7 +331,10 @@ pub struct Suspicion {
 }
 
 /// The share of the threshold a node's own phi must reach to accept another's conviction.
-const CORROBORATION: f64 = 0.5;
+const CORROBORATION: f64 = 0.75;
+
+/// How many of a failure's observers announce it, on average.
+const ANNOUNCERS: f64 = 32.0;
 
 /// A responder's answer to a digest: the SynAck's contents.
 #[derive(Debug, Default)]
@@ -490,8 +497,10 @@ impl Cluster {
 
     /// One round's bookkeeping: our heartbeat, convictions and forgetting. `stall` is how
     /// late this tick is; that time is not counted against peers.
-    /// Returns the peers convicted now, for the caller to announce.
-    pub fn tick(&mut self, now: Instant, stall: Duration) -> Vec<Suspicion> {
+    /// Returns the peers convicted now that this node should announce. Every observer of a
+    /// failure convicts it at about the same time, so only about `ANNOUNCERS` of them, at
+    /// random, announce it: one failure costs a few broadcasts, not one per node.
+    pub fn tick(&mut self, now: Instant, stall: Duration, rng: &mut impl Rng) -> Vec<Suspicion> {
         self.local.heartbeat += 1;
         let settings = &self.settings;
         let mut convicted = Vec::new();
@@ -499,7 +508,13 @@ impl Cluster {
             if !stall.is_zero() {
                 peer.detector.forgive(stall);
             }
-            if peer.live && peer.detector.phi(now, &settings.detector) > settings.phi_threshold {
+            if !peer.live {
+                continue;
+            }
+            let phi = peer.detector.phi(now, &settings.detector);
+            if peer.suspected && phi >= settings.phi_threshold * CORROBORATION {
+                fail(peer, now, self.sink.as_ref());
+            } else if phi > settings.phi_threshold {
                 convicted.push(Suspicion {
                     name: peer.name.to_string(),
                     generation: peer.state.generation,
@@ -527,23 +542,33 @@ impl Cluster {
         }
         self.forgotten
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
+        let live = self.peers.iter().filter(|p| p.live).count();
+        let announce = (ANNOUNCERS / (live + convicted.len()).max(1) as f64).min(1.0);
+        convicted.retain(|_| rng.gen_bool(announce));
         convicted
     }
 
     /// Another node convicted `suspicion`. We agree, and report the failure now, when we hold
-    /// nothing newer of that peer and have not heard from it for half the silence that would
-    /// convict it here: a failure then shows everywhere at about the time its first observer
-    /// saw it, while a lone false suspicion convicts nobody who hears the peer well.
+    /// nothing newer of that peer and have not heard from it for three quarters of the silence
+    /// that would convict it here (or later, once we reach that point; see `Peer::suspected`):
+    /// a failure then shows everywhere at about the time its first observer saw it, while a lone
+    /// false suspicion convicts nobody who hears the peer well.
     pub fn corroborate(&mut self, suspicion: &Suspicion, now: Instant) -> bool {
         let Some(slot) = self.peers.slot(&suspicion.name) else { return false };
         let peer = &mut self.peers.slots[slot];
         let settings = &self.settings;
-        let agrees = peer.live
-            && peer.state.generation == suspicion.generation
-            && peer.state.heartbeat <= suspicion.heartbeat
-            && peer.detector.phi(now, &settings.detector) >= settings.phi_threshold * CORROBORATION;
+        if !peer.live
+            || peer.state.generation != suspicion.generation
+            || peer.state.heartbeat > suspicion.heartbeat
+        {
+            return false;
+        }
+        let phi = peer.detector.phi(now, &settings.detector);
+        let agrees = phi >= settings.phi_threshold * CORROBORATION;
         if agrees {
             fail(peer, now, self.sink.as_ref());
+        } else if phi >= settings.phi_threshold * CORROBORATION / 2.0 {
+            peer.suspected = true;
         }
         agrees
     }
@@ -793,6 +818,7 @@ impl Cluster {
                     detector: detector_state,
                     live: true,
                     dead_since: None,
+                    suspected: false,
                 })
             }
         };
@@ -918,6 +944,7 @@ impl Cluster {
 
 fn fail(peer: &mut Peer, now: Instant, sink: &dyn EventSink) {
     peer.live = false;
+    peer.suspected = false;
     peer.dead_since = Some(now);
     peer.detector.reset();
     sink.emit(Event::PeerFailed(&peer.name));
@@ -932,6 +959,7 @@ fn revive_on_heartbeat(
     sink: &dyn EventSink,
 ) {
     peer.detector.heartbeat(now, rise, config);
+    peer.suspected = false;
     if !peer.live && !peer.state.left {
         peer.live = true;
         peer.dead_since = None;
@@ -946,6 +974,10 @@ mod tests {
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
     use std::sync::Mutex;
+
+    fn test_rng() -> SmallRng {
+        SmallRng::seed_from_u64(1)
+    }
 
     /// Records events as text, the way a listener would see them.
     #[derive(Default)]
@@ -1083,9 +1115,9 @@ mod tests {
         exchange(&mut a.cluster, &mut b.cluster, now);
 
         now += Duration::from_secs(1);
-        b.cluster.tick(now, Duration::ZERO);
+        b.cluster.tick(now, Duration::ZERO, &mut test_rng());
         b.cluster.set_local("k", msgpack("v"));
-        a.cluster.tick(now, Duration::ZERO);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
         let (membership, versions) = a.cluster.compact_digest();
         assert_eq!(
             versions,
@@ -1108,7 +1140,7 @@ mod tests {
 
         // A heartbeat-only difference travels as an index, not a named delta.
         now += Duration::from_secs(1);
-        b.cluster.tick(now, Duration::ZERO);
+        b.cluster.tick(now, Duration::ZERO, &mut test_rng());
         let (membership, versions) = a.cluster.compact_digest();
         let reply = b
             .cluster
@@ -1190,8 +1222,8 @@ mod tests {
         b.events.take();
         for _ in 0..5 {
             now += Duration::from_secs(1);
-            a.cluster.tick(now, Duration::ZERO);
-            b.cluster.tick(now, Duration::ZERO);
+            a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+            b.cluster.tick(now, Duration::ZERO, &mut test_rng());
             exchange(&mut a.cluster, &mut b.cluster, now);
         }
         assert_eq!(b.cluster.peer_infos(now)[0].heartbeat, 5);
@@ -1342,14 +1374,14 @@ mod tests {
         let mut b = node(2, 1, now);
         for _ in 0..30 {
             now += Duration::from_secs(1);
-            b.cluster.tick(now, Duration::ZERO);
+            b.cluster.tick(now, Duration::ZERO, &mut test_rng());
             exchange(&mut b.cluster, &mut a.cluster, now);
         }
         a.events.take();
         let mut failed_after = None;
         for second in 1..=30 {
             now += Duration::from_secs(1);
-            a.cluster.tick(now, Duration::ZERO);
+            a.cluster.tick(now, Duration::ZERO, &mut test_rng());
             if failed_after.is_none() && !a.events.take().is_empty() {
                 failed_after = Some(second);
             }
@@ -1357,7 +1389,7 @@ mod tests {
         // phi > 8 after about 18.4 mean intervals of silence.
         assert_eq!(failed_after, Some(19));
         assert_eq!(a.cluster.peer_names(Some(false)), ["127.0.0.1:2"]);
-        b.cluster.tick(now, Duration::ZERO);
+        b.cluster.tick(now, Duration::ZERO, &mut test_rng());
         exchange(&mut b.cluster, &mut a.cluster, now);
         assert_eq!(a.events.take(), ["peer_alive 127.0.0.1:2"]);
         exchange(&mut b.cluster, &mut a.cluster, now);
@@ -1371,20 +1403,59 @@ mod tests {
         let mut b = node(2, 1, now);
         for _ in 0..10 {
             now += Duration::from_secs(1);
-            b.cluster.tick(now, Duration::ZERO);
+            b.cluster.tick(now, Duration::ZERO, &mut test_rng());
             exchange(&mut b.cluster, &mut a.cluster, now);
         }
         a.events.take();
         let suspicion = |heartbeat, generation| Suspicion { name: "127.0.0.1:2".into(), generation, heartbeat };
         // Heard from a second ago: a's own phi is far below half the threshold.
         assert!(!a.cluster.corroborate(&suspicion(10, 1), now + Duration::from_secs(1)));
-        // Silent for 10 s (phi about 4.3): a agrees, once.
-        now += Duration::from_secs(10);
+        // Silent for 15 s (phi about 6.5, past three quarters of 8): a agrees, once.
+        now += Duration::from_secs(15);
         assert!(!a.cluster.corroborate(&suspicion(10, 2), now), "another generation");
         assert!(!a.cluster.corroborate(&suspicion(9, 1), now), "we hold a newer heartbeat");
         assert!(a.cluster.corroborate(&suspicion(10, 1), now));
         assert_eq!(a.events.take(), ["peer_failed 127.0.0.1:2"]);
         assert!(!a.cluster.corroborate(&suspicion(10, 1), now));
+    }
+
+    #[test]
+    fn a_suspicion_heard_early_convicts_at_three_quarters_of_the_threshold() {
+        let mut now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        for _ in 0..10 {
+            now += Duration::from_secs(1);
+            b.cluster.tick(now, Duration::ZERO, &mut test_rng());
+            exchange(&mut b.cluster, &mut a.cluster, now);
+        }
+        a.events.take();
+        let suspicion = Suspicion { name: "127.0.0.1:2".into(), generation: 1, heartbeat: 10 };
+        // After 7 s of silence (phi about 3.0, over three eighths of 8) the suspicion is kept.
+        assert!(!a.cluster.corroborate(&suspicion, now + Duration::from_secs(7)));
+        let mut failed_after = None;
+        for second in 1..=20 {
+            a.cluster.tick(now + Duration::from_secs(second), Duration::ZERO, &mut test_rng());
+            if failed_after.is_none() && !a.events.take().is_empty() {
+                failed_after = Some(second);
+            }
+        }
+        // phi reaches 6 after about 13.8 silent seconds, instead of 8 after 18.4.
+        assert_eq!(failed_after, Some(14));
+
+        // A heartbeat clears a suspicion: the peer is then judged on its own silence again.
+        let mut c = node(3, 1, now);
+        exchange(&mut b.cluster, &mut c.cluster, now);
+        assert!(!c.cluster.corroborate(&suspicion, now + Duration::from_secs(7)));
+        let later = now + Duration::from_secs(8);
+        b.cluster.tick(later, Duration::ZERO, &mut test_rng());
+        exchange(&mut b.cluster, &mut c.cluster, later);
+        c.events.take();
+        // c's mean is now (4 × 1 s + 8 s) / 5 = 2.4 s; 35 s of silence is phi 6.3: past three
+        // quarters of the threshold, short of it.
+        c.cluster.tick(later + Duration::from_secs(35), Duration::ZERO, &mut test_rng());
+        assert!(!c.events.take().contains(&"peer_failed 127.0.0.1:2".to_string()));
+        assert_eq!(c.cluster.peer_names(Some(true)), ["127.0.0.1:2"]);
     }
 
     #[test]
@@ -1394,11 +1465,11 @@ mod tests {
         let mut b = node(2, 1, now);
         for _ in 0..10 {
             now += Duration::from_secs(1);
-            b.cluster.tick(now, Duration::ZERO);
+            b.cluster.tick(now, Duration::ZERO, &mut test_rng());
             exchange(&mut b.cluster, &mut a.cluster, now);
         }
         now += Duration::from_secs(60);
-        a.cluster.tick(now, Duration::from_secs(59));
+        a.cluster.tick(now, Duration::from_secs(59), &mut test_rng());
         assert_eq!(a.cluster.peer_names(Some(true)), ["127.0.0.1:2"]);
     }
 
@@ -1420,7 +1491,7 @@ mod tests {
         );
         for _ in 0..25 {
             now += Duration::from_secs(1);
-            a.cluster.tick(now, Duration::ZERO);
+            a.cluster.tick(now, Duration::ZERO, &mut test_rng());
         }
         assert_eq!(a.cluster.peer_names(Some(false)), ["127.0.0.1:7"]);
     }
@@ -1449,7 +1520,7 @@ mod tests {
         exchange(&mut c.cluster, &mut b.cluster, now);
         assert_eq!(c.events.take(), ["peer_failed 127.0.0.1:1"]);
         // Heartbeats of a node that left do not revive it; its next generation does.
-        a.cluster.tick(now, Duration::ZERO);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
         exchange(&mut a.cluster, &mut b.cluster, now);
         assert!(b.events.take().is_empty());
         a.cluster
@@ -1466,9 +1537,9 @@ mod tests {
         exchange(&mut b.cluster, &mut a.cluster, now);
         let stale = b.cluster.digest();
         now += Duration::from_secs(60);
-        a.cluster.tick(now, Duration::ZERO);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
         now += Duration::from_secs(24 * 3600);
-        a.cluster.tick(now, Duration::ZERO);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
         assert!(a.cluster.peer_names(None).is_empty());
         let requests = a.cluster.handle_syn(&stale, now).requests;
         assert!(requests.iter().all(|r| r.name != "127.0.0.1:2"));
@@ -1508,7 +1579,7 @@ mod tests {
         let mut now = now;
         for _ in 0..30 {
             now += Duration::from_secs(1);
-            a.cluster.tick(now, Duration::ZERO);
+            a.cluster.tick(now, Duration::ZERO, &mut test_rng());
         }
         assert_eq!(a.cluster.peer_names(Some(true)).len(), 0);
         let targets = a.cluster.gossip_targets(&seeds, &mut rng);
@@ -1537,7 +1608,7 @@ mod tests {
                 assert!(rounds <= 30, "seed {seed}: no convergence in 30 rounds");
                 now += Duration::from_secs(1);
                 for i in 0..nodes.len() {
-                    nodes[i].cluster.tick(now, Duration::ZERO);
+                    nodes[i].cluster.tick(now, Duration::ZERO, &mut test_rng());
                     for target in nodes[i].cluster.gossip_targets(&seeds, &mut rng) {
                         let (Target::Peer(name) | Target::Seed(name)) = target;
                         let j = (name.rsplit(':').next().unwrap().parse::<usize>().unwrap()) - 1000;
@@ -1568,6 +1639,7 @@ mod peer_table_tests {
             detector: PhiDetector::default(),
             live: true,
             dead_since: None,
+            suspected: false,
         }
     }
 
