@@ -6,7 +6,9 @@
 //! only once every one of them has ended. The cluster state sits behind a std mutex that is never
 //! held across an await.
 
-use crate::protocol::{Suspicion, Cluster, EventSink, Membership, PeerInfo, Settings, SynReply, Target};
+use crate::protocol::{
+    Cluster, EventSink, Membership, PeerInfo, Settings, Suspicion, SynReply, Target,
+};
 use crate::wire::{self, Message, Rejection};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -451,8 +453,17 @@ async fn serve(shared: &Shared, mut conn: Connection) {
             let reply = shared.cluster().handle_syn(&digest, Instant::now());
             answer_syn(shared, conn, reply).await;
         }
-        Message::Suspect { name, generation, heartbeat, mut forward_to } => {
-            let suspicion = Suspicion { name, generation, heartbeat };
+        Message::Suspect {
+            name,
+            generation,
+            heartbeat,
+            mut forward_to,
+        } => {
+            let suspicion = Suspicion {
+                name,
+                generation,
+                heartbeat,
+            };
             {
                 let mut cluster = shared.cluster();
                 cluster.corroborate(&suspicion, Instant::now());
@@ -698,7 +709,10 @@ async fn push(shared: &Shared, deltas: Vec<wire::NodeDelta>, targets: Vec<String
     if deltas.is_empty() {
         return;
     }
-    let message = |forward_to| Message::Push { deltas: deltas.clone(), forward_to };
+    let message = |forward_to| Message::Push {
+        deltas: deltas.clone(),
+        forward_to,
+    };
     broadcast(shared, targets, message).await;
 }
 
@@ -706,7 +720,11 @@ async fn push(shared: &Shared, deltas: Vec<wire::NodeDelta>, targets: Vec<String
 /// `push_fanout` shares; the first reachable node of each share gets `message(rest of its
 /// share)` to forward, so a broadcast to N nodes takes about log(N) hops. An unreachable node is
 /// skipped by its sender, so a dead peer does not cut off its share.
-async fn broadcast(shared: &Shared, targets: Vec<String>, message: impl Fn(Vec<String>) -> Message) {
+async fn broadcast(
+    shared: &Shared,
+    targets: Vec<String>,
+    message: impl Fn(Vec<String>) -> Message,
+) {
     if targets.is_empty() {
         return;
     }
@@ -719,7 +737,10 @@ async fn broadcast(shared: &Shared, targets: Vec<String>, message: impl Fn(Vec<S
                 let Some(mut conn) = connect(shared, &Target::Peer(peer.clone())).await else {
                     continue;
                 };
-                if send(shared, &mut conn, &message(share[i + 1..].to_vec())).await.is_ok() {
+                if send(shared, &mut conn, &message(share[i + 1..].to_vec()))
+                    .await
+                    .is_ok()
+                {
                     shared.counters.pushes_sent.fetch_add(1, Relaxed);
                     return;
                 }
@@ -731,7 +752,9 @@ async fn broadcast(shared: &Shared, targets: Vec<String>, message: impl Fn(Vec<S
 
 /// Tells every live peer about a conviction of ours (see `Cluster::corroborate`).
 async fn announce_suspicion(shared: &Shared, suspicion: Suspicion) {
-    let targets = shared.cluster().broadcast_targets(&mut SmallRng::from_entropy());
+    let targets = shared
+        .cluster()
+        .broadcast_targets(&mut SmallRng::from_entropy());
     forward_suspicion(shared, suspicion, targets).await;
 }
 

@@ -554,7 +554,9 @@ impl Cluster {
     /// a failure then shows everywhere at about the time its first observer saw it, while a lone
     /// false suspicion convicts nobody who hears the peer well.
     pub fn corroborate(&mut self, suspicion: &Suspicion, now: Instant) -> bool {
-        let Some(slot) = self.peers.slot(&suspicion.name) else { return false };
+        let Some(slot) = self.peers.slot(&suspicion.name) else {
+            return false;
+        };
         let peer = &mut self.peers.slots[slot];
         let settings = &self.settings;
         if !peer.live
@@ -1014,6 +1016,21 @@ mod tests {
         TestNode { cluster, events }
     }
 
+    /// `a` hears `b` beat once a second for `seconds`, through exchanges; `a`'s events so far
+    /// are dropped.
+    fn beating_pair(seconds: u32) -> (TestNode, TestNode, Instant) {
+        let mut now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        for _ in 0..seconds {
+            now += Duration::from_secs(1);
+            b.cluster.tick(now, Duration::ZERO, &mut test_rng());
+            exchange(&mut b.cluster, &mut a.cluster, now);
+        }
+        a.events.take();
+        (a, b, now)
+    }
+
     /// One full push-pull exchange from `a` to `b`, through the real encoder and decoder.
     fn exchange(a: &mut Cluster, b: &mut Cluster, now: Instant) {
         let limits = Limits::default();
@@ -1369,15 +1386,7 @@ mod tests {
 
     #[test]
     fn silent_peer_is_convicted_and_revived_once_each() {
-        let mut now = Instant::now();
-        let mut a = node(1, 1, now);
-        let mut b = node(2, 1, now);
-        for _ in 0..30 {
-            now += Duration::from_secs(1);
-            b.cluster.tick(now, Duration::ZERO, &mut test_rng());
-            exchange(&mut b.cluster, &mut a.cluster, now);
-        }
-        a.events.take();
+        let (mut a, mut b, mut now) = beating_pair(30);
         let mut failed_after = None;
         for second in 1..=30 {
             now += Duration::from_secs(1);
@@ -1398,22 +1407,26 @@ mod tests {
 
     #[test]
     fn another_nodes_conviction_is_taken_only_from_a_silent_peer() {
-        let mut now = Instant::now();
-        let mut a = node(1, 1, now);
-        let mut b = node(2, 1, now);
-        for _ in 0..10 {
-            now += Duration::from_secs(1);
-            b.cluster.tick(now, Duration::ZERO, &mut test_rng());
-            exchange(&mut b.cluster, &mut a.cluster, now);
-        }
-        a.events.take();
-        let suspicion = |heartbeat, generation| Suspicion { name: "127.0.0.1:2".into(), generation, heartbeat };
-        // Heard from a second ago: a's own phi is far below half the threshold.
-        assert!(!a.cluster.corroborate(&suspicion(10, 1), now + Duration::from_secs(1)));
+        let (mut a, _, mut now) = beating_pair(10);
+        let suspicion = |heartbeat, generation| Suspicion {
+            name: "127.0.0.1:2".into(),
+            generation,
+            heartbeat,
+        };
+        // Heard from a second ago: a's own phi is far below three quarters of the threshold.
+        assert!(!a
+            .cluster
+            .corroborate(&suspicion(10, 1), now + Duration::from_secs(1)));
         // Silent for 15 s (phi about 6.5, past three quarters of 8): a agrees, once.
         now += Duration::from_secs(15);
-        assert!(!a.cluster.corroborate(&suspicion(10, 2), now), "another generation");
-        assert!(!a.cluster.corroborate(&suspicion(9, 1), now), "we hold a newer heartbeat");
+        assert!(
+            !a.cluster.corroborate(&suspicion(10, 2), now),
+            "another generation"
+        );
+        assert!(
+            !a.cluster.corroborate(&suspicion(9, 1), now),
+            "we hold a newer heartbeat"
+        );
         assert!(a.cluster.corroborate(&suspicion(10, 1), now));
         assert_eq!(a.events.take(), ["peer_failed 127.0.0.1:2"]);
         assert!(!a.cluster.corroborate(&suspicion(10, 1), now));
@@ -1421,21 +1434,23 @@ mod tests {
 
     #[test]
     fn a_suspicion_heard_early_convicts_at_three_quarters_of_the_threshold() {
-        let mut now = Instant::now();
-        let mut a = node(1, 1, now);
-        let mut b = node(2, 1, now);
-        for _ in 0..10 {
-            now += Duration::from_secs(1);
-            b.cluster.tick(now, Duration::ZERO, &mut test_rng());
-            exchange(&mut b.cluster, &mut a.cluster, now);
-        }
-        a.events.take();
-        let suspicion = Suspicion { name: "127.0.0.1:2".into(), generation: 1, heartbeat: 10 };
+        let (mut a, mut b, now) = beating_pair(10);
+        let suspicion = Suspicion {
+            name: "127.0.0.1:2".into(),
+            generation: 1,
+            heartbeat: 10,
+        };
         // After 7 s of silence (phi about 3.0, over three eighths of 8) the suspicion is kept.
-        assert!(!a.cluster.corroborate(&suspicion, now + Duration::from_secs(7)));
+        assert!(!a
+            .cluster
+            .corroborate(&suspicion, now + Duration::from_secs(7)));
         let mut failed_after = None;
         for second in 1..=20 {
-            a.cluster.tick(now + Duration::from_secs(second), Duration::ZERO, &mut test_rng());
+            a.cluster.tick(
+                now + Duration::from_secs(second),
+                Duration::ZERO,
+                &mut test_rng(),
+            );
             if failed_after.is_none() && !a.events.take().is_empty() {
                 failed_after = Some(second);
             }
@@ -1446,30 +1461,33 @@ mod tests {
         // A heartbeat clears a suspicion: the peer is then judged on its own silence again.
         let mut c = node(3, 1, now);
         exchange(&mut b.cluster, &mut c.cluster, now);
-        assert!(!c.cluster.corroborate(&suspicion, now + Duration::from_secs(7)));
+        assert!(!c
+            .cluster
+            .corroborate(&suspicion, now + Duration::from_secs(7)));
         let later = now + Duration::from_secs(8);
         b.cluster.tick(later, Duration::ZERO, &mut test_rng());
         exchange(&mut b.cluster, &mut c.cluster, later);
         c.events.take();
         // c's mean is now (4 × 1 s + 8 s) / 5 = 2.4 s; 35 s of silence is phi 6.3: past three
         // quarters of the threshold, short of it.
-        c.cluster.tick(later + Duration::from_secs(35), Duration::ZERO, &mut test_rng());
-        assert!(!c.events.take().contains(&"peer_failed 127.0.0.1:2".to_string()));
+        c.cluster.tick(
+            later + Duration::from_secs(35),
+            Duration::ZERO,
+            &mut test_rng(),
+        );
+        assert!(!c
+            .events
+            .take()
+            .contains(&"peer_failed 127.0.0.1:2".to_string()));
         assert_eq!(c.cluster.peer_names(Some(true)), ["127.0.0.1:2"]);
     }
 
     #[test]
     fn stalled_ticks_do_not_convict() {
-        let mut now = Instant::now();
-        let mut a = node(1, 1, now);
-        let mut b = node(2, 1, now);
-        for _ in 0..10 {
-            now += Duration::from_secs(1);
-            b.cluster.tick(now, Duration::ZERO, &mut test_rng());
-            exchange(&mut b.cluster, &mut a.cluster, now);
-        }
+        let (mut a, _, mut now) = beating_pair(10);
         now += Duration::from_secs(60);
-        a.cluster.tick(now, Duration::from_secs(59), &mut test_rng());
+        a.cluster
+            .tick(now, Duration::from_secs(59), &mut test_rng());
         assert_eq!(a.cluster.peer_names(Some(true)), ["127.0.0.1:2"]);
     }
 

@@ -227,9 +227,12 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
             versions,
         } => rmp_serde::encode::write(&mut out, &(membership_hash, versions)),
         Message::NeedDigest => rmp_serde::encode::write(&mut out, &()),
-        Message::Suspect { name, generation, heartbeat, forward_to } => {
-            rmp_serde::encode::write(&mut out, &(name, generation, heartbeat, forward_to))
-        }
+        Message::Suspect {
+            name,
+            generation,
+            heartbeat,
+            forward_to,
+        } => rmp_serde::encode::write(&mut out, &(name, generation, heartbeat, forward_to)),
         Message::Ack { deltas } => rmp_serde::encode::write(&mut out, &(deltas,)),
         Message::Push { deltas, forward_to } => {
             rmp_serde::encode::write(&mut out, &(deltas, forward_to))
@@ -287,8 +290,14 @@ pub fn decode(
             Message::NeedDigest
         }
         7 => {
-            let (name, generation, heartbeat, forward_to): (String, u64, u64, Vec<String>) = read(&mut de)?;
-            Message::Suspect { name, generation, heartbeat, forward_to }
+            let (name, generation, heartbeat, forward_to): (String, u64, u64, Vec<String>) =
+                read(&mut de)?;
+            Message::Suspect {
+                name,
+                generation,
+                heartbeat,
+                forward_to,
+            }
         }
         _ => return Err(Rejection::UnknownKind),
     };
@@ -410,7 +419,12 @@ fn check_message(message: &Message, limits: &Limits) -> Result<(), Rejection> {
             check_forward_to(forward_to, limits)?;
             check_deltas(deltas, limits)
         }
-        Message::Suspect { name, generation, heartbeat, forward_to } => {
+        Message::Suspect {
+            name,
+            generation,
+            heartbeat,
+            forward_to,
+        } => {
             check_forward_to(forward_to, limits)?;
             check_name(name)?;
             check_counter(*generation)?;
