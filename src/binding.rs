@@ -7,8 +7,9 @@
 //! queue, so a slow listener receives bigger batches instead of a growing backlog of calls.
 //! Batches are MessagePack records (see `EventBatch`), values embedded as the bytes peers sent.
 
+use crate::config::Settings;
 use crate::node::{runtime, Listen, Node};
-use crate::protocol::{Event, EventSink, Settings};
+use crate::protocol::{Event, EventSink};
 use crate::wire::{Limits, Rejection};
 use bytes::Bytes;
 use napi::bindgen_prelude::*;

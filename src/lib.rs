@@ -6,9 +6,12 @@
 //! - [`detector`]: phi-accrual failure detection.
 //! - [`node`]: the tokio tasks that run a node over TCP on one shared runtime.
 
+pub mod config;
 pub mod detector;
 pub mod node;
+pub mod peers;
 pub mod protocol;
+pub mod store;
 pub mod wire;
 
 mod binding;

@@ -6,9 +6,9 @@
 //! only once every one of them has ended. The cluster state sits behind a std mutex that is never
 //! held across an await.
 
-use crate::protocol::{
-    Cluster, EventSink, Membership, PeerInfo, Settings, Suspicion, SynReply, Target,
-};
+use crate::config::Settings;
+use crate::peers::Membership;
+use crate::protocol::{Cluster, EventSink, PeerInfo, Suspicion, SynReply, Target};
 use crate::wire::{self, Message, Rejection};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};

@@ -13,63 +13,18 @@
 //! key's latest value. Deltas are accepted only when they start at or below it, so a gap can
 //! never be papered over.
 
+use crate::config::Settings;
 use crate::detector::{DetectorConfig, PhiDetector};
-use crate::wire::{DigestEntry, KeyValue, Limits, NodeDelta, Request};
+use crate::peers::{Member, Membership, Peer, PeerTable, Slot};
+use crate::store::NodeState;
+use crate::wire::{DigestEntry, NodeDelta, Request};
 use bytes::Bytes;
 use rand::seq::SliceRandom;
 use rand::Rng;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-#[derive(Clone, Debug)]
-pub struct Settings {
-    pub cluster_name: String,
-    pub gossip_interval: Duration,
-    /// Live peers each round exchanges with.
-    pub gossip_fanout: usize,
-    pub phi_threshold: f64,
-    pub detector: DetectorConfig,
-    /// A peer failed for this long is forgotten, and its generation ignored for as long again.
-    pub dead_peer_ttl: Duration,
-    pub limits: Limits,
-    /// Branching of the push tree: a fresh change goes to this many peers at once, each of which
-    /// forwards it to its share of the rest.
-    pub push_fanout: usize,
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_inbound_connections: usize,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        let gossip_interval = Duration::from_secs(1);
-        Settings {
-            cluster_name: "gossiper".into(),
-            gossip_interval,
-            gossip_fanout: 1,
-            phi_threshold: 8.0,
-            detector: DetectorConfig::for_interval(gossip_interval, Duration::from_secs(10)),
-            dead_peer_ttl: Duration::from_secs(24 * 3600),
-            limits: Limits::default(),
-            push_fanout: 4,
-            connect_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(5),
-            max_inbound_connections: 1024,
-        }
-    }
-}
-
-impl Settings {
-    /// Room for deltas in one frame, leaving space for the header and per-entry overhead.
-    fn delta_budget(&self) -> usize {
-        self.limits
-            .max_frame_bytes
-            .saturating_sub(64 << 10)
-            .max(self.limits.max_frame_bytes / 2)
-    }
-}
 
 /// What the engine tells its owner, in the order it happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,184 +44,6 @@ pub trait EventSink: Send + Sync {
     fn emit(&self, event: Event<'_>);
 }
 
-#[derive(Clone, Debug)]
-struct Versioned {
-    version: u64,
-    value: Bytes,
-}
-
-/// Everything known of one node in one generation.
-#[derive(Clone, Debug, Default)]
-pub struct NodeState {
-    pub generation: u64,
-    pub heartbeat: u64,
-    pub max_version: u64,
-    pub left: bool,
-    kvs: HashMap<String, Versioned, FnvBuild>,
-    /// The same keys ordered by version, so a delta costs what it carries, not the whole map.
-    by_version: BTreeMap<u64, String>,
-}
-
-impl NodeState {
-    fn new(generation: u64) -> Self {
-        NodeState {
-            generation,
-            ..NodeState::default()
-        }
-    }
-
-    fn insert(&mut self, key: String, version: u64, value: Bytes) {
-        if let Some(old) = self.kvs.insert(key.clone(), Versioned { version, value }) {
-            self.by_version.remove(&old.version);
-        }
-        self.by_version.insert(version, key);
-        self.max_version = self.max_version.max(version);
-    }
-
-    pub fn value(&self, key: &str) -> Option<&Bytes> {
-        self.kvs.get(key).map(|v| &v.value)
-    }
-
-    pub fn keys(&self) -> Vec<String> {
-        self.by_version.values().cloned().collect()
-    }
-
-    fn digest(&self, name: &str) -> DigestEntry {
-        DigestEntry {
-            name: name.to_owned(),
-            generation: self.generation,
-            heartbeat: self.heartbeat,
-            max_version: self.max_version,
-        }
-    }
-
-    /// Keys written after `from_version`, oldest first, while `budget` lasts. A cut delta ends at
-    /// its last key, so the receiver's `max_version` stays truthful.
-    fn delta(&self, name: &str, from_version: u64, budget: &mut usize) -> NodeDelta {
-        *budget = budget.saturating_sub(name.len() + 48);
-        let mut kvs = Vec::new();
-        let mut to_version = self.max_version;
-        let mut complete = true;
-        for (&version, key) in self.by_version.range(from_version + 1..) {
-            let value = &self.kvs[key].value;
-            let cost = key.len() + value.len() + 12;
-            if cost > *budget {
-                to_version = kvs.last().map_or(from_version, |kv: &KeyValue| kv.version);
-                complete = false;
-                break;
-            }
-            *budget -= cost;
-            kvs.push(KeyValue {
-                key: key.clone(),
-                version,
-                value: value.clone(),
-            });
-        }
-        NodeDelta {
-            name: name.to_owned(),
-            generation: self.generation,
-            heartbeat: self.heartbeat,
-            from_version: from_version.min(to_version),
-            to_version,
-            left: self.left && complete,
-            kvs,
-        }
-    }
-}
-
-/// A remote node and our view of its liveness.
-#[derive(Debug)]
-pub struct Peer {
-    pub name: Name,
-    pub state: NodeState,
-    pub detector: PhiDetector,
-    pub live: bool,
-    dead_since: Option<Instant>,
-    /// Another node convicted this peer while we were already somewhat suspicious (phi at least
-    /// three eighths of the threshold) but not enough to agree: we will once our own phi is
-    /// three quarters of the way, unless it beats first.
-    suspected: bool,
-}
-
-/// FNV-1a for the peer index: names are short, and a round looks each known node up several
-/// times, where SipHash dominated the profile. Only validated `ip:port` names of nodes that
-/// reached us are ever keys.
-#[derive(Clone, Copy, Default)]
-struct FnvHasher(u64);
-
-impl std::hash::Hasher for FnvHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut hash = if self.0 == 0 { FNV_OFFSET } else { self.0 };
-        for &byte in bytes {
-            hash = (hash ^ byte as u64).wrapping_mul(FNV_PRIME);
-        }
-        self.0 = hash;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-type FnvBuild = std::hash::BuildHasherDefault<FnvHasher>;
-
-/// A node name shared by the peer table, its index and memberships: one allocation per peer,
-/// where a process may track a million of them.
-type Name = Arc<str>;
-
-/// Peers in a dense vector with a name index, so that a membership can point at them by slot.
-#[derive(Debug, Default)]
-struct PeerTable {
-    slots: Vec<Peer>,
-    index: HashMap<Name, usize, FnvBuild>,
-}
-
-impl PeerTable {
-    fn slot(&self, name: &str) -> Option<usize> {
-        self.index.get(name).copied()
-    }
-
-    fn get(&self, name: &str) -> Option<&Peer> {
-        self.slot(name).map(|i| &self.slots[i])
-    }
-
-    fn get_mut(&mut self, name: &str) -> Option<&mut Peer> {
-        self.slot(name).map(|i| &mut self.slots[i])
-    }
-
-    fn insert(&mut self, peer: Peer) -> &mut Peer {
-        let slot = self.slots.len();
-        self.index.insert(peer.name.clone(), slot);
-        self.slots.push(peer);
-        &mut self.slots[slot]
-    }
-
-    /// Moves the last peer into the freed slot: slots are only stable while nothing is removed.
-    fn remove(&mut self, name: &str) -> Option<Peer> {
-        let slot = self.index.remove(name)?;
-        let peer = self.slots.swap_remove(slot);
-        if let Some(moved) = self.slots.get(slot) {
-            self.index.insert(moved.name.clone(), slot);
-        }
-        Some(peer)
-    }
-
-    fn iter(&self) -> std::slice::Iter<'_, Peer> {
-        self.slots.iter()
-    }
-
-    fn iter_mut(&mut self) -> std::slice::IterMut<'_, Peer> {
-        self.slots.iter_mut()
-    }
-
-    fn len(&self) -> usize {
-        self.slots.len()
-    }
-}
-
 /// Where one gossip round sends its digest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -276,53 +53,6 @@ pub enum Target {
 }
 
 /// Every known node, ourselves included, as (name, generation) sorted by name, with a hash that
-/// two nodes compare to know they can refer to nodes by position.
-#[derive(Debug)]
-pub struct Membership {
-    pub members: Vec<Member>,
-    pub hash: u64,
-    /// The cluster's `slot_epoch` when this was built.
-    slot_epoch: u64,
-}
-
-#[derive(Debug)]
-pub struct Member {
-    pub name: Name,
-    pub generation: u64,
-    /// Valid while this membership is the cluster's current one.
-    slot: Slot,
-}
-
-/// Where a node's state lives: our own, or a slot of the peer table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Slot {
-    Local,
-    Peer(usize),
-}
-
-impl Membership {
-    fn new(members: Vec<Member>, slot_epoch: u64) -> Self {
-        // FNV-1a: stable across processes and versions, unlike std's hasher.
-        let mut hash = FNV_OFFSET;
-        for member in &members {
-            for byte in member
-                .name
-                .bytes()
-                .chain([0])
-                .chain(member.generation.to_le_bytes())
-            {
-                hash = (hash ^ byte as u64).wrapping_mul(FNV_PRIME);
-            }
-        }
-        Membership {
-            members,
-            hash,
-            slot_epoch,
-        }
-    }
-}
-
-/// A conviction as it is announced to other nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Suspicion {
     pub name: String,
@@ -398,8 +128,7 @@ impl Cluster {
     /// against peers we could not hear while stopped.
     pub fn begin_incarnation(&mut self, name: String, generation: u64, stopped_for: Duration) {
         let old = std::mem::replace(&mut self.local, NodeState::new(generation));
-        for (version, key) in (1..).zip(old.by_version.into_values()) {
-            let value = old.kvs[&key].value.clone();
+        for (version, (key, value)) in (1..).zip(old.into_entries()) {
             self.local.insert(key, version, value);
         }
         self.peers.remove(&name);
@@ -972,7 +701,7 @@ fn revive_on_heartbeat(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire;
+    use crate::wire::{self, KeyValue, Limits};
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
     use std::sync::Mutex;
@@ -1643,36 +1372,5 @@ mod tests {
             }
             assert!(rounds <= 15, "seed {seed}: {rounds} rounds");
         }
-    }
-}
-
-#[cfg(test)]
-mod peer_table_tests {
-    use super::*;
-
-    fn peer(name: &str) -> Peer {
-        Peer {
-            name: name.into(),
-            state: NodeState::default(),
-            detector: PhiDetector::default(),
-            live: true,
-            dead_since: None,
-            suspected: false,
-        }
-    }
-
-    #[test]
-    fn removal_keeps_the_index_consistent() {
-        let mut table = PeerTable::default();
-        for name in ["a", "b", "c", "d"] {
-            table.insert(peer(name));
-        }
-        assert_eq!(table.remove("b").map(|p| p.name), Some("b".into()));
-        assert!(table.remove("b").is_none());
-        for name in ["a", "c", "d"] {
-            assert_eq!(table.get(name).map(|p| &*p.name), Some(name));
-        }
-        assert_eq!(table.len(), 3);
-        assert!(table.get("b").is_none());
     }
 }

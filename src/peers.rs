@@ -1,0 +1,183 @@
+//! The peer table: every remote node this one knows, in dense slots with a name index, and the
+//! sorted membership that lets two nodes refer to peers by position.
+//!
+//! Invariant: `index` maps each peer's name to its slot. Removing a peer moves the last one into
+//! its slot, so slots are only stable while nothing is removed; `Cluster::slot_epoch` counts
+//! removals so that a membership built earlier knows when its slots went stale.
+
+use crate::detector::PhiDetector;
+use crate::store::NodeState;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// A remote node and our view of its liveness.
+#[derive(Debug)]
+pub struct Peer {
+    pub name: Name,
+    pub state: NodeState,
+    pub detector: PhiDetector,
+    pub live: bool,
+    pub(crate) dead_since: Option<Instant>,
+    /// Another node convicted this peer while we were already somewhat suspicious (phi at least
+    /// three eighths of the threshold) but not enough to agree: we will once our own phi is
+    /// three quarters of the way, unless it beats first.
+    pub(crate) suspected: bool,
+}
+
+/// FNV-1a for the peer index: names are short, and a round looks each known node up several
+/// times, where SipHash dominated the profile. Only validated `ip:port` names of nodes that
+/// reached us are ever keys.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct FnvHasher(u64);
+
+impl std::hash::Hasher for FnvHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 { FNV_OFFSET } else { self.0 };
+        for &byte in bytes {
+            hash = (hash ^ byte as u64).wrapping_mul(FNV_PRIME);
+        }
+        self.0 = hash;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+pub(crate) type FnvBuild = std::hash::BuildHasherDefault<FnvHasher>;
+
+/// A node name shared by the peer table, its index and memberships: one allocation per peer,
+/// where a process may track a million of them.
+pub type Name = Arc<str>;
+
+/// Peers in a dense vector with a name index, so that a membership can point at them by slot.
+#[derive(Debug, Default)]
+pub(crate) struct PeerTable {
+    pub(crate) slots: Vec<Peer>,
+    index: HashMap<Name, usize, FnvBuild>,
+}
+
+impl PeerTable {
+    pub(crate) fn slot(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&Peer> {
+        self.slot(name).map(|i| &self.slots[i])
+    }
+
+    pub(crate) fn get_mut(&mut self, name: &str) -> Option<&mut Peer> {
+        self.slot(name).map(|i| &mut self.slots[i])
+    }
+
+    pub(crate) fn insert(&mut self, peer: Peer) -> &mut Peer {
+        let slot = self.slots.len();
+        self.index.insert(peer.name.clone(), slot);
+        self.slots.push(peer);
+        &mut self.slots[slot]
+    }
+
+    /// Moves the last peer into the freed slot: slots are only stable while nothing is removed.
+    pub(crate) fn remove(&mut self, name: &str) -> Option<Peer> {
+        let slot = self.index.remove(name)?;
+        let peer = self.slots.swap_remove(slot);
+        if let Some(moved) = self.slots.get(slot) {
+            self.index.insert(moved.name.clone(), slot);
+        }
+        Some(peer)
+    }
+
+    pub(crate) fn iter(&self) -> std::slice::Iter<'_, Peer> {
+        self.slots.iter()
+    }
+
+    pub(crate) fn iter_mut(&mut self) -> std::slice::IterMut<'_, Peer> {
+        self.slots.iter_mut()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+}
+/// two nodes compare to know they can refer to nodes by position.
+#[derive(Debug)]
+pub struct Membership {
+    pub members: Vec<Member>,
+    pub hash: u64,
+    /// The cluster's `slot_epoch` when this was built.
+    pub(crate) slot_epoch: u64,
+}
+
+#[derive(Debug)]
+pub struct Member {
+    pub name: Name,
+    pub generation: u64,
+    /// Valid while this membership is the cluster's current one.
+    pub(crate) slot: Slot,
+}
+
+/// Where a node's state lives: our own, or a slot of the peer table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Local,
+    Peer(usize),
+}
+
+impl Membership {
+    pub(crate) fn new(members: Vec<Member>, slot_epoch: u64) -> Self {
+        // FNV-1a: stable across processes and versions, unlike std's hasher.
+        let mut hash = FNV_OFFSET;
+        for member in &members {
+            for byte in member
+                .name
+                .bytes()
+                .chain([0])
+                .chain(member.generation.to_le_bytes())
+            {
+                hash = (hash ^ byte as u64).wrapping_mul(FNV_PRIME);
+            }
+        }
+        Membership {
+            members,
+            hash,
+            slot_epoch,
+        }
+    }
+}
+
+/// A conviction as it is announced to other nodes.
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(name: &str) -> Peer {
+        Peer {
+            name: name.into(),
+            state: NodeState::default(),
+            detector: PhiDetector::default(),
+            live: true,
+            dead_since: None,
+            suspected: false,
+        }
+    }
+
+    #[test]
+    fn removal_keeps_the_index_consistent() {
+        let mut table = PeerTable::default();
+        for name in ["a", "b", "c", "d"] {
+            table.insert(peer(name));
+        }
+        assert_eq!(table.remove("b").map(|p| p.name), Some("b".into()));
+        assert!(table.remove("b").is_none());
+        for name in ["a", "c", "d"] {
+            assert_eq!(table.get(name).map(|p| &*p.name), Some(name));
+        }
+        assert_eq!(table.len(), 3);
+        assert!(table.get("b").is_none());
+    }
+}
