@@ -5,7 +5,7 @@
 const { EventEmitter } = require('node:events')
 const net = require('node:net')
 const { encodeValue, decodeValue, Decoder } = require('./values')
-const { NativeGossiper } = loadNative()
+const { NativeGossiper, optionSpecs, otherOptionNames } = loadNative()
 
 function loadNative() {
   try {
@@ -16,42 +16,19 @@ function loadNative() {
   }
 }
 
+// Numeric options, their defaults and bounds come from the engine's table (src/config.rs), the
+// one source of truth; the engine checks every option again.
+const SPECS = optionSpecs()
+const NUMERIC_OPTIONS = SPECS.filter((spec) => spec.name !== 'port')
+const KNOWN_OPTIONS = new Set([...SPECS.map((spec) => spec.name), ...otherOptionNames()])
+
 const DEFAULTS = Object.freeze({
-  port: 0,
+  ...Object.fromEntries(SPECS.map((spec) => [spec.name, spec.default])),
   seeds: Object.freeze([]),
   address: undefined,
+  advertise: undefined,
   clusterName: 'gossiper',
-  gossipInterval: 1000,
-  gossipFanout: 1,
-  phiThreshold: 8,
-  maxInterval: 10000,
-  deadPeerTtl: 24 * 3600 * 1000,
-  pushFanout: 4,
-  connectTimeout: 2000,
-  idleTimeout: 5000,
-  maxFrameBytes: 4 * 1024 * 1024,
-  maxKeyBytes: 1024,
-  maxValueBytes: 256 * 1024,
-  maxPeersPerMessage: 8192,
-  maxInboundConnections: 1024,
 })
-
-// [option, smallest, largest]
-const NUMERIC_OPTIONS = [
-  ['gossipInterval', 1, 3600e3],
-  ['gossipFanout', 1, 16],
-  ['phiThreshold', 0.1, 1000],
-  ['maxInterval', 1, 65e3],
-  ['deadPeerTtl', 1, 365 * 24 * 3600e3],
-  ['pushFanout', 1, 64],
-  ['connectTimeout', 1, 600e3],
-  ['idleTimeout', 1, 600e3],
-  ['maxFrameBytes', 1024, 2 ** 31 - 1],
-  ['maxKeyBytes', 1, 2 ** 20],
-  ['maxValueBytes', 1, 2 ** 31 - 1],
-  ['maxPeersPerMessage', 1, 2 ** 20],
-  ['maxInboundConnections', 1, 2 ** 20],
-]
 
 const EVENT_NAMES = [undefined, 'new_peer', 'peer_alive', 'peer_failed']
 
@@ -102,6 +79,9 @@ function normalizeOptions(portOrOptions, seeds, ipToBind) {
     : { port: portOrOptions, seeds, address: ipToBind }
   const options = { ...DEFAULTS }
   for (const [key, value] of Object.entries(given)) {
+    if (!KNOWN_OPTIONS.has(key)) {
+      throw typeError(`The option "${key}" is not known. Known options: ${[...KNOWN_OPTIONS].join(', ')}`, 'ERR_INVALID_ARG_VALUE')
+    }
     if (value !== undefined) options[key] = value
   }
   checkNumber('port', options.port, 0, 65535, true)
@@ -110,11 +90,24 @@ function normalizeOptions(portOrOptions, seeds, ipToBind) {
   if (options.address !== undefined && (typeof options.address !== 'string' || net.isIP(options.address) === 0)) {
     throw typeError(`The "address" argument must be an IP address string. Received ${describe(options.address)}`, typeof options.address === 'string' ? 'ERR_INVALID_ARG_VALUE' : 'ERR_INVALID_ARG_TYPE')
   }
+  if (options.advertise !== undefined && !isAdvertise(options.advertise)) {
+    throw typeError(`The "advertise" argument must be "ip:port", "[ipv6]:port" or an IP address. Received ${describe(options.advertise)}`, typeof options.advertise === 'string' ? 'ERR_INVALID_ARG_VALUE' : 'ERR_INVALID_ARG_TYPE')
+  }
   if (typeof options.clusterName !== 'string' || options.clusterName.length === 0 || Buffer.byteLength(options.clusterName) > 255) {
     throw typeError(`The "clusterName" argument must be a non-empty string of at most 255 bytes. Received ${describe(options.clusterName)}`)
   }
-  for (const [name, min, max] of NUMERIC_OPTIONS) checkNumber(name, options[name], min, max, name !== 'gossipInterval' && name !== 'phiThreshold')
+  for (const { name, min, max, integer } of NUMERIC_OPTIONS) checkNumber(name, options[name], min, max, integer)
   return options
+}
+
+function isAdvertise(value) {
+  if (typeof value !== 'string') return false
+  if (net.isIP(value) !== 0) return true
+  const match = /^(?:\[([0-9a-fA-F:.]+)\]|([0-9.]+)):(\d{1,5})$/.exec(value)
+  if (!match) return false
+  const ipOk = match[1] !== undefined ? net.isIPv6(match[1]) : net.isIPv4(match[2])
+  const port = Number(match[3])
+  return ipOk && port >= 1 && port <= 65535
 }
 
 function checkKey(key, name = 'key') {
@@ -149,31 +142,21 @@ class Gossiper extends EventEmitter {
     const options = normalizeOptions(portOrOptions, seeds, ipToBind)
     this._options = Object.freeze(options)
     this.peer_name = undefined
+    // Where the calls so far lead ('running' or 'stopped'), the last lifecycle step queued, and
+    // how many steps are queued or running.
+    this._target = 'stopped'
+    this._lifecycle = Promise.resolve()
+    this._busy = 0
+    // True once a stop has finished: batches still in flight then are dropped.
+    this._stopped = true
     this._keepAlive = null
     this._referenced = true
     // Events are queued decoders; one being drained is at the head.
     this._backlog = []
     // The native side must not keep this object alive, or it could never be collected.
     const self = new WeakRef(this)
-    this._native = new NativeGossiper({
-      port: options.port,
-      address: options.address,
-      seeds: options.seeds,
-      clusterName: options.clusterName,
-      gossipIntervalMs: options.gossipInterval,
-      gossipFanout: options.gossipFanout,
-      phiThreshold: options.phiThreshold,
-      maxIntervalMs: options.maxInterval,
-      deadPeerTtlMs: options.deadPeerTtl,
-      pushFanout: options.pushFanout,
-      connectTimeoutMs: options.connectTimeout,
-      idleTimeoutMs: options.idleTimeout,
-      maxFrameBytes: options.maxFrameBytes,
-      maxKeyBytes: options.maxKeyBytes,
-      maxValueBytes: options.maxValueBytes,
-      maxPeersPerMessage: options.maxPeersPerMessage,
-      maxInboundConnections: options.maxInboundConnections,
-    }, (batch) => self.deref()?._receive(batch))
+    const given = Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined))
+    this._native = new NativeGossiper(given, (batch) => self.deref()?._receive(batch))
   }
 
   /** The options in force, defaults filled in. */
@@ -181,35 +164,73 @@ class Gossiper extends EventEmitter {
     return this._options
   }
 
-  /** Listens, then gossips. Resolves (and calls back) once listening; peer_name is set already. */
+  /**
+   * Listens, then gossips. Resolves (and calls back) once listening and named: peer_name is set
+   * when start() returns, unless seeds given as host names must be looked up first (then when it
+   * resolves). Calls made while a stop() is under way run once it has finished.
+   */
   start(callback) {
     checkCallback(callback)
-    if (this._native.isRunning()) {
-      throw Object.assign(new Error(`Gossiper ${this.peer_name} is already started`), { code: 'ERR_GOSSIP_RUNNING' })
+    if (this._target === 'running') {
+      throw Object.assign(new Error(`Gossiper ${this.peer_name ?? ''} is already started`), { code: 'ERR_GOSSIP_RUNNING' })
     }
-    const outcome = this._native.start()
-    if (outcome.name === undefined || outcome.name === null) {
-      const error = Object.assign(new Error(`${outcome.code}: ${outcome.message}`), {
-        code: outcome.code,
-        port: this._options.port,
-        address: this._options.address,
-      })
-      return settle(Promise.reject(error), callback)
-    }
-    this.peer_name = outcome.name
-    running.add(this)
-    this._keepAlive = setInterval(() => {}, 2 ** 31 - 1)
-    if (!this._referenced) this._keepAlive.unref()
-    return settle(Promise.resolve(), callback)
+    this._target = 'running'
+    return settle(this._enqueue(() => this._startNow()), callback)
   }
 
-  /** Announces the departure, stops listening and gossiping; local state is kept. */
+  /**
+   * Tells a few peers it is leaving, stops listening and gossiping, and resolves once every
+   * task has ended and the port is free. Local state is kept. Calls made while a stop is under
+   * way share its completion; no event is emitted after it resolves, until the next start().
+   */
   stop(callback) {
     checkCallback(callback)
+    if (this._target === 'stopped') return settle(this._lifecycle.then(noop, noop), callback)
+    this._target = 'stopped'
+    return settle(this._enqueue(() => this._stopNow()), callback)
+  }
+
+  // Runs lifecycle steps one after another, in call order, so that any sequence of start() and
+  // stop() calls ends the same way however long each step takes. A step with nothing before it
+  // runs at once, so start() binds (and reports a busy port) synchronously.
+  _enqueue(step) {
+    const run = this._busy === 0 ? runNow(step) : this._lifecycle.then(noop, noop).then(step)
+    this._busy++
+    const settled = () => { this._busy-- }
+    run.then(settled, settled)
+    this._lifecycle = run
+    return run
+  }
+
+  _startNow() {
+    let named
+    try {
+      named = this._native.start()
+    } catch (cause) {
+      this._target = 'stopped'
+      return Promise.reject(Object.assign(new Error(`${cause.code}: ${cause.message}`), {
+        code: cause.code,
+        port: this._options.port,
+        address: this._options.address,
+      }))
+    }
+    // Named at once unless a seed host name needs a lookup first.
+    this.peer_name = this._native.name() ?? this.peer_name
+    this._stopped = false
+    running.add(this)
+    this._keepAlive = setInterval(noop, 2 ** 31 - 1)
+    if (!this._referenced) this._keepAlive.unref()
+    return named.then((name) => { this.peer_name = name })
+  }
+
+  _stopNow() {
     clearInterval(this._keepAlive)
     this._keepAlive = null
-    const stopped = this._native.stop().then(() => { running.delete(this) })
-    return settle(stopped, callback)
+    return this._native.stop().then(() => {
+      this._stopped = true
+      this._backlog.length = 0
+      running.delete(this)
+    })
   }
 
   /** Lets the process exit while this gossiper runs, as server.unref() does. */
@@ -276,7 +297,7 @@ class Gossiper extends EventEmitter {
   }
 
   _receive(batch) {
-    if (batch.length === 0) return
+    if (batch.length === 0 || this._stopped) return
     this._backlog.push({ decoder: new Decoder(batch), peer: undefined, remaining: 0 })
     if (this._backlog.length === 1) this._drain()
   }
@@ -307,6 +328,16 @@ class Gossiper extends EventEmitter {
     } finally {
       if (!finished) setImmediate(() => this._drain())
     }
+  }
+}
+
+function noop() {}
+
+function runNow(step) {
+  try {
+    return Promise.resolve(step())
+  } catch (error) {
+    return Promise.reject(error)
   }
 }
 

@@ -7,46 +7,46 @@
 //! queue, so a slow listener receives bigger batches instead of a growing backlog of calls.
 //! Batches are MessagePack records (see `EventBatch`), values embedded as the bytes peers sent.
 
-use crate::config::Settings;
+use crate::config::{OptionError, Settings, DEFAULT_CLUSTER_NAME, NUMERIC_OPTIONS, OTHER_OPTIONS};
 use crate::node::{runtime, Listen, Node};
 use crate::protocol::{Event, EventSink};
-use crate::wire::{Limits, Rejection};
+use crate::wire::Rejection;
 use bytes::Bytes;
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
+/// One row of the option table (see `config::NUMERIC_OPTIONS`), for `index.js`.
 #[napi(object)]
-pub struct NativeOptions {
-    pub port: u32,
-    pub address: Option<String>,
-    pub seeds: Vec<String>,
-    pub cluster_name: String,
-    pub gossip_interval_ms: f64,
-    pub gossip_fanout: u32,
-    pub phi_threshold: f64,
-    pub max_interval_ms: f64,
-    pub dead_peer_ttl_ms: f64,
-    pub push_fanout: u32,
-    pub connect_timeout_ms: f64,
-    pub idle_timeout_ms: f64,
-    pub max_frame_bytes: u32,
-    pub max_key_bytes: u32,
-    pub max_value_bytes: u32,
-    pub max_peers_per_message: u32,
-    pub max_inbound_connections: u32,
+pub struct NativeOptionSpec {
+    pub name: String,
+    pub default: f64,
+    pub min: f64,
+    pub max: f64,
+    pub integer: bool,
 }
 
-/// `start`'s outcome: `name` on success, otherwise a Node-style `code` and `message`.
-#[napi(object)]
-pub struct StartOutcome {
-    pub name: Option<String>,
-    pub code: Option<String>,
-    pub message: Option<String>,
+/// Every numeric option with its default and bounds, and the names of the other options.
+#[napi]
+pub fn option_specs() -> Vec<NativeOptionSpec> {
+    NUMERIC_OPTIONS
+        .iter()
+        .map(|o| NativeOptionSpec {
+            name: o.name.into(),
+            default: o.default,
+            min: o.min,
+            max: o.max,
+            integer: o.integer,
+        })
+        .collect()
+}
+
+#[napi]
+pub fn other_option_names() -> Vec<String> {
+    OTHER_OPTIONS.iter().map(|&n| n.into()).collect()
 }
 
 #[napi(object)]
@@ -69,7 +69,9 @@ pub struct NativeStats {
     pub exchanges: f64,
     pub pushes_sent: f64,
     pub connect_failures: f64,
+    pub send_failures: f64,
     pub connections_refused: f64,
+    pub seed_resolve_failures: f64,
     /// Frames dropped, by reason.
     pub rejected: std::collections::HashMap<String, f64>,
 }
@@ -163,46 +165,123 @@ pub struct NativeGossiper {
     listen: Listen,
 }
 
-fn millis(ms: f64) -> Duration {
-    Duration::from_secs_f64(ms.max(0.0) / 1000.0)
+/// Throws `error` as a TypeError or RangeError carrying its code.
+fn throw(env: &Env, error: OptionError) -> Error {
+    let thrown = if error.range {
+        env.throw_range_error(&error.message, Some(error.code))
+    } else {
+        env.throw_type_error(&error.message, Some(error.code))
+    };
+    match thrown {
+        Ok(()) => Error::new(Status::PendingException, error.message),
+        Err(e) => e,
+    }
+}
+
+fn invalid(code: &'static str, message: String) -> OptionError {
+    OptionError::type_error(code, message)
+}
+
+/// Reads and checks every option: the native class is reachable from JavaScript, so it trusts
+/// nothing `index.js` checked already.
+fn read_options(
+    options: &Object,
+) -> std::result::Result<(Settings, Listen, Vec<String>), OptionError> {
+    let keys = Object::keys(options).map_err(|e| invalid("ERR_INVALID_ARG_TYPE", e.reason))?;
+    for key in &keys {
+        let known =
+            NUMERIC_OPTIONS.iter().any(|o| o.name == key) || OTHER_OPTIONS.contains(&key.as_str());
+        if !known {
+            return Err(invalid(
+                "ERR_INVALID_ARG_VALUE",
+                format!("The option \"{key}\" is not known"),
+            ));
+        }
+    }
+    let text = |name: &str| -> std::result::Result<Option<String>, OptionError> {
+        options.get::<String>(name).map_err(|_| {
+            invalid(
+                "ERR_INVALID_ARG_TYPE",
+                format!("The \"{name}\" argument must be a string"),
+            )
+        })
+    };
+    let mut numbers = std::collections::HashMap::new();
+    for option in NUMERIC_OPTIONS {
+        let value = options.get::<f64>(option.name).map_err(|_| {
+            invalid(
+                "ERR_INVALID_ARG_TYPE",
+                format!("The \"{}\" argument must be a number", option.name),
+            )
+        })?;
+        if let Some(value) = value {
+            numbers.insert(option.name, value);
+        }
+    }
+    let cluster_name = text("clusterName")?.unwrap_or_else(|| DEFAULT_CLUSTER_NAME.into());
+    let settings = Settings::from_options(cluster_name, |name| numbers.get(name).copied())?;
+    let address = match text("address")? {
+        None => None,
+        Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
+            invalid(
+                "ERR_INVALID_ARG_VALUE",
+                format!("The \"address\" argument must be an IP address. Received '{text}'"),
+            )
+        })?),
+    };
+    let advertise = match text("advertise")? {
+        None => None,
+        Some(text) => Some(parse_advertise(&text).ok_or_else(|| {
+            invalid(
+                "ERR_INVALID_ARG_VALUE",
+                format!("The \"advertise\" argument must be \"ip:port\", \"[ipv6]:port\" or an IP address. Received '{text}'"),
+            )
+        })?),
+    };
+    let seeds = options
+        .get::<Vec<String>>("seeds")
+        .map_err(|_| {
+            invalid(
+                "ERR_INVALID_ARG_TYPE",
+                "The \"seeds\" argument must be an array of \"host:port\" strings".into(),
+            )
+        })?
+        .unwrap_or_default();
+    for (i, seed) in seeds.iter().enumerate() {
+        if !crate::address::is_valid_seed(seed) {
+            return Err(invalid(
+                "ERR_INVALID_ARG_VALUE",
+                format!("The \"seeds[{i}]\" argument must be \"host:port\" or \"[ipv6]:port\". Received '{seed}'"),
+            ));
+        }
+    }
+    let port = numbers.get("port").copied().unwrap_or(0.0) as u16;
+    Ok((
+        settings,
+        Listen {
+            port,
+            address,
+            advertise,
+        },
+        seeds,
+    ))
+}
+
+/// `ip:port`, `[v6]:port`, or a bare IP (port 0: the port we listen on).
+fn parse_advertise(text: &str) -> Option<SocketAddr> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, 0));
+    }
+    text.parse::<SocketAddr>().ok().filter(|a| a.port() != 0)
 }
 
 #[napi]
 impl NativeGossiper {
-    /// `on_events` receives batches of encoded events (see `EventBatch`).
+    /// `on_events` receives batches of encoded events (see `EventBatch`). Bad options throw a
+    /// TypeError or RangeError with a Node-style `code`.
     #[napi(constructor)]
-    pub fn new(options: NativeOptions, on_events: Function<Buffer, ()>) -> Result<Self> {
-        let address = match options.address.as_deref() {
-            None => None,
-            Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
-                Error::new(
-                    Status::InvalidArg,
-                    format!("address is not an IP address: {text}"),
-                )
-            })?),
-        };
-        let gossip_interval = millis(options.gossip_interval_ms);
-        let settings = Settings {
-            cluster_name: options.cluster_name,
-            gossip_interval,
-            gossip_fanout: options.gossip_fanout as usize,
-            phi_threshold: options.phi_threshold,
-            detector: crate::detector::DetectorConfig::for_interval(
-                gossip_interval,
-                millis(options.max_interval_ms),
-            ),
-            dead_peer_ttl: millis(options.dead_peer_ttl_ms),
-            limits: Limits {
-                max_frame_bytes: options.max_frame_bytes as usize,
-                max_key_bytes: options.max_key_bytes as usize,
-                max_value_bytes: options.max_value_bytes as usize,
-                max_peers_per_message: options.max_peers_per_message as usize,
-            },
-            push_fanout: options.push_fanout as usize,
-            connect_timeout: millis(options.connect_timeout_ms),
-            idle_timeout: millis(options.idle_timeout_ms),
-            max_inbound_connections: options.max_inbound_connections as usize,
-        };
+    pub fn new(env: Env, options: Object, on_events: Function<Buffer, ()>) -> Result<Self> {
+        let (settings, listen, seeds) = read_options(&options).map_err(|e| throw(&env, e))?;
         let batch = Arc::new(Mutex::new(EventBatch::default()));
         let sink = Arc::new(JsSink {
             batch: batch.clone(),
@@ -219,39 +298,57 @@ impl NativeGossiper {
                 Ok(Buffer::from(std::mem::take(&mut batch.bytes)))
             })?;
         let _ = sink.deliver.set(deliver);
-        let node = Node::new(settings, options.seeds, sink);
+        let node = Node::new(settings, seeds, sink);
         Ok(NativeGossiper {
             node: Arc::new(node),
-            listen: Listen {
-                port: options.port as u16,
-                address,
-            },
+            listen,
         })
     }
 
-    #[napi]
-    pub fn start(&self) -> StartOutcome {
-        match self.node.start(&self.listen) {
-            Ok(name) => StartOutcome {
-                name: Some(name),
-                code: None,
-                message: None,
-            },
-            Err(e) => StartOutcome {
-                name: None,
-                code: Some(e.code.into()),
-                message: Some(e.message),
-            },
-        }
+    /// Binds at once (a failure throws an Error whose `code` is `EADDRINUSE`, `EACCES`,
+    /// `ERR_GOSSIP_RUNNING`, `ERR_GOSSIP_STOPPING`, ...), then resolves with our name once it is
+    /// decided; `name()` has it at once unless a seed host name must be looked up first.
+    #[napi(ts_return_type = "Promise<string>")]
+    pub fn start<'env>(&self, env: &'env Env) -> Result<Object<'env>> {
+        let _runtime = runtime().enter();
+        let (_, mut named) = self.node.start(&self.listen).map_err(|e| {
+            match env.throw_error(&e.message, Some(e.code)) {
+                Ok(()) => Error::new(Status::PendingException, e.message),
+                Err(error) => error,
+            }
+        })?;
+        let (deferred, promise) = env.create_deferred()?;
+        runtime().spawn(async move {
+            match named.wait_for(Option::is_some).await {
+                Ok(name) => {
+                    let name = name.clone().unwrap_or_default();
+                    deferred.resolve(move |_| Ok(name));
+                }
+                Err(_) => deferred.reject(Error::new(
+                    Status::GenericFailure,
+                    "stopped before it was named",
+                )),
+            }
+        });
+        Ok(promise)
     }
 
-    /// Resolves once every task of this node has ended.
+    /// Our name once decided (see `start`).
+    #[napi]
+    pub fn name(&self) -> Option<String> {
+        self.node
+            .with_cluster(|c| Some(c.name().to_owned()).filter(|n| !n.is_empty()))
+    }
+
+    /// Resolves once every task of this node has ended and its port is free; every call made
+    /// while a stop is under way resolves at that same moment.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn stop<'env>(&self, env: &'env Env) -> Result<Object<'env>> {
         let (deferred, promise) = env.create_deferred()?;
-        let node = self.node.clone();
+        let _runtime = runtime().enter();
+        let stopped = self.node.stop();
         runtime().spawn(async move {
-            node.stop().await;
+            stopped.await;
             deferred.resolve(|_| Ok(()));
         });
         Ok(promise)
@@ -260,6 +357,11 @@ impl NativeGossiper {
     #[napi]
     pub fn is_running(&self) -> bool {
         self.node.is_running()
+    }
+
+    #[napi]
+    pub fn is_stopping(&self) -> bool {
+        self.node.is_stopping()
     }
 
     /// Returns false when the value equals the current one. Errors carry the rejection reason.
@@ -328,7 +430,9 @@ impl NativeGossiper {
             exchanges: n(&c.exchanges),
             pushes_sent: n(&c.pushes_sent),
             connect_failures: n(&c.connect_failures),
+            send_failures: n(&c.send_failures),
             connections_refused: n(&c.connections_refused),
+            seed_resolve_failures: n(&c.seed_resolve_failures),
             rejected: Rejection::ALL
                 .iter()
                 .map(|r| (r.as_str().to_owned(), c.rejected(*r) as f64))

@@ -1,8 +1,112 @@
-//! Settings of one node: every tunable, its default and its bounds, in one place.
+//! Settings of one node: every numeric option, its default and its bounds, in one table
+//! ([`NUMERIC_OPTIONS`]). It is the single source of truth: `index.js` reads it through the
+//! binding, and a test checks `index.d.ts` and the README against it.
 
 use crate::detector::DetectorConfig;
 use crate::wire::Limits;
 use std::time::Duration;
+
+/// One numeric option as users write it (milliseconds for durations).
+#[derive(Clone, Copy, Debug)]
+pub struct NumericOption {
+    pub name: &'static str,
+    pub default: f64,
+    pub min: f64,
+    pub max: f64,
+    pub integer: bool,
+}
+
+const fn option(
+    name: &'static str,
+    default: f64,
+    min: f64,
+    max: f64,
+    integer: bool,
+) -> NumericOption {
+    NumericOption {
+        name,
+        default,
+        min,
+        max,
+        integer,
+    }
+}
+
+const DAY_MS: f64 = 24.0 * 3600e3;
+const I32_MAX: f64 = i32::MAX as f64;
+
+pub const NUMERIC_OPTIONS: &[NumericOption] = &[
+    option("port", 0.0, 0.0, 65535.0, true),
+    option("gossipInterval", 1000.0, 1.0, 3600e3, false),
+    option("gossipFanout", 1.0, 1.0, 16.0, true),
+    option("phiThreshold", 8.0, 0.1, 1000.0, false),
+    option("maxInterval", 10e3, 1.0, 65e3, true),
+    option("deadPeerTtl", DAY_MS, 1.0, 365.0 * DAY_MS, true),
+    option("pushFanout", 4.0, 1.0, 64.0, true),
+    option("connectTimeout", 2000.0, 1.0, 600e3, true),
+    option("idleTimeout", 5000.0, 1.0, 600e3, true),
+    option("maxFrameBytes", (4 << 20) as f64, 1024.0, I32_MAX, true),
+    option("maxKeyBytes", 1024.0, 1.0, (1 << 20) as f64, true),
+    option("maxValueBytes", (256 << 10) as f64, 1.0, I32_MAX, true),
+    option("maxPeersPerMessage", 8192.0, 1.0, (1 << 20) as f64, true),
+    option("maxInboundConnections", 1024.0, 1.0, (1 << 20) as f64, true),
+];
+
+/// Options that are not numbers; with [`NUMERIC_OPTIONS`] they are every option there is.
+pub const OTHER_OPTIONS: &[&str] = &["seeds", "address", "advertise", "clusterName"];
+
+pub const DEFAULT_CLUSTER_NAME: &str = "gossiper";
+
+/// A value outside what an option accepts. `code` is the Node-style error code.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptionError {
+    /// `TypeError` or `RangeError`.
+    pub range: bool,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl OptionError {
+    pub fn type_error(code: &'static str, message: String) -> Self {
+        OptionError {
+            range: false,
+            code,
+            message,
+        }
+    }
+
+    pub fn range_error(message: String) -> Self {
+        OptionError {
+            range: true,
+            code: "ERR_OUT_OF_RANGE",
+            message,
+        }
+    }
+}
+
+/// Checks one numeric option's value against its row of the table.
+pub fn check_numeric(option: &NumericOption, value: f64) -> Result<f64, OptionError> {
+    let NumericOption {
+        name,
+        min,
+        max,
+        integer,
+        ..
+    } = *option;
+    if value.is_nan() {
+        return Err(OptionError::type_error(
+            "ERR_INVALID_ARG_TYPE",
+            format!("The \"{name}\" argument must be a number. Received NaN"),
+        ));
+    }
+    if !(min..=max).contains(&value) || (integer && value.fract() != 0.0) {
+        let what = if integer { "an integer" } else { "a number" };
+        return Err(OptionError::range_error(format!(
+            "The \"{name}\" argument must be {what} >= {min} and <= {max}. Received {value}"
+        )));
+    }
+    Ok(value)
+}
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -19,35 +123,136 @@ pub struct Settings {
     /// forwards it to its share of the rest.
     pub push_fanout: usize,
     pub connect_timeout: Duration,
+    /// How long a connection may wait for its next frame, and a send may take.
     pub idle_timeout: Duration,
     pub max_inbound_connections: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        let gossip_interval = Duration::from_secs(1);
-        Settings {
-            cluster_name: "gossiper".into(),
-            gossip_interval,
-            gossip_fanout: 1,
-            phi_threshold: 8.0,
-            detector: DetectorConfig::for_interval(gossip_interval, Duration::from_secs(10)),
-            dead_peer_ttl: Duration::from_secs(24 * 3600),
-            limits: Limits::default(),
-            push_fanout: 4,
-            connect_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(5),
-            max_inbound_connections: 1024,
-        }
+        // The table's defaults are all in range.
+        Settings::from_options(DEFAULT_CLUSTER_NAME.into(), |_| None).expect("defaults are valid")
     }
 }
 
 impl Settings {
+    /// Settings from numeric options by name (`None` takes the default), each checked against
+    /// [`NUMERIC_OPTIONS`], and checked together: a value at `maxValueBytes` under a key at
+    /// `maxKeyBytes` must fit in one frame, or it could never travel.
+    pub fn from_options(
+        cluster_name: String,
+        value_of: impl Fn(&str) -> Option<f64>,
+    ) -> Result<Settings, OptionError> {
+        if cluster_name.is_empty() || cluster_name.len() > 255 {
+            return Err(OptionError::type_error(
+                "ERR_INVALID_ARG_VALUE",
+                "The \"clusterName\" argument must be a non-empty string of at most 255 bytes"
+                    .into(),
+            ));
+        }
+        let mut values = std::collections::HashMap::new();
+        for option in NUMERIC_OPTIONS {
+            let value = match value_of(option.name) {
+                Some(value) => check_numeric(option, value)?,
+                None => option.default,
+            };
+            values.insert(option.name, value);
+        }
+        let get = |name: &str| values[name];
+        let ms = |name: &str| Duration::from_secs_f64(get(name) / 1000.0);
+        let gossip_interval = ms("gossipInterval");
+        let settings = Settings {
+            cluster_name,
+            gossip_interval,
+            gossip_fanout: get("gossipFanout") as usize,
+            phi_threshold: get("phiThreshold"),
+            detector: DetectorConfig::for_interval(gossip_interval, ms("maxInterval")),
+            dead_peer_ttl: ms("deadPeerTtl"),
+            limits: Limits {
+                max_frame_bytes: get("maxFrameBytes") as usize,
+                max_key_bytes: get("maxKeyBytes") as usize,
+                max_value_bytes: get("maxValueBytes") as usize,
+                max_peers_per_message: get("maxPeersPerMessage") as usize,
+            },
+            push_fanout: get("pushFanout") as usize,
+            connect_timeout: ms("connectTimeout"),
+            idle_timeout: ms("idleTimeout"),
+            max_inbound_connections: get("maxInboundConnections") as usize,
+        };
+        let largest_entry = settings.limits.max_value_bytes + settings.limits.max_key_bytes;
+        if largest_entry > settings.largest_entry_budget() {
+            return Err(OptionError::range_error(format!(
+                "The \"maxValueBytes\" argument ({}) plus maxKeyBytes ({}) must fit in one frame: \
+                 at most {} with maxFrameBytes {}",
+                settings.limits.max_value_bytes,
+                settings.limits.max_key_bytes,
+                settings
+                    .largest_entry_budget()
+                    .saturating_sub(settings.limits.max_key_bytes),
+                settings.limits.max_frame_bytes
+            )));
+        }
+        Ok(settings)
+    }
+
     /// Room for deltas in one frame, leaving space for the header and per-entry overhead.
     pub(crate) fn delta_budget(&self) -> usize {
         self.limits
             .max_frame_bytes
             .saturating_sub(64 << 10)
             .max(self.limits.max_frame_bytes / 2)
+    }
+
+    /// The largest key plus value that one delta can always carry: the delta budget less room
+    /// for the node's name, counters and the entry's own framing.
+    fn largest_entry_budget(&self) -> usize {
+        self.delta_budget().saturating_sub(128)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_the_table() {
+        let settings = Settings::default();
+        assert_eq!(settings.gossip_interval, Duration::from_secs(1));
+        assert_eq!(settings.limits.max_frame_bytes, 4 << 20);
+        assert_eq!(settings.dead_peer_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(settings.cluster_name, "gossiper");
+    }
+
+    #[test]
+    fn bad_numbers_are_typed_errors_naming_the_option() {
+        let with = |name: &'static str, value: f64| {
+            Settings::from_options("c".into(), move |n| (n == name).then_some(value))
+        };
+        for (name, value) in [
+            ("gossipInterval", 0.0),
+            ("gossipInterval", f64::INFINITY),
+            ("connectTimeout", -1.0),
+            ("pushFanout", 1.5),
+            ("port", 70000.0),
+        ] {
+            let error = with(name, value).unwrap_err();
+            assert!(error.range, "{name} {value}");
+            assert_eq!(error.code, "ERR_OUT_OF_RANGE");
+            assert!(error.message.contains(name), "{}", error.message);
+        }
+        let error = with("idleTimeout", f64::NAN).unwrap_err();
+        assert!(!error.range && error.code == "ERR_INVALID_ARG_TYPE");
+    }
+
+    #[test]
+    fn a_value_limit_beyond_what_a_frame_carries_is_refused() {
+        let error = Settings::from_options("c".into(), |n| match n {
+            "maxFrameBytes" => Some(65536.0),
+            "maxValueBytes" => Some(65536.0),
+            _ => None,
+        })
+        .unwrap_err();
+        assert!(error.message.contains("maxValueBytes"), "{}", error.message);
+        assert!(Settings::from_options("".into(), |_| None).is_err());
     }
 }

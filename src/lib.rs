@@ -6,12 +6,15 @@
 //! - [`detector`]: phi-accrual failure detection.
 //! - [`node`]: the tokio tasks that run a node over TCP on one shared runtime.
 
+pub mod address;
 pub mod config;
 pub mod detector;
+pub mod exchange;
 pub mod node;
 pub mod peers;
 pub mod protocol;
 pub mod store;
+pub mod transport;
 pub mod wire;
 
 mod binding;

@@ -1,29 +1,30 @@
-//! A running gossip node: the tokio tasks that move [`protocol`](crate::protocol) messages over
-//! TCP. One process-wide runtime serves every node, off the JavaScript thread.
+//! A gossip node's life: start, the tasks that run it, and stop. One process-wide runtime
+//! serves every node, off the JavaScript thread.
 //!
-//! Each started node owns three tasks (accept, gossip rounds, pushes) plus one per connection,
-//! all tracked by one [`TaskTracker`] and stopped by one [`CancellationToken`]; `stop` returns
-//! only once every one of them has ended. The cluster state sits behind a std mutex that is never
-//! held across an await.
+//! A started node owns three tasks (accept, gossip rounds, pushes) plus one per connection, all
+//! tracked by one [`TaskTracker`] and stopped by one [`CancellationToken`]. The lifecycle is a
+//! small state machine (stopped, running, stopping) behind a std mutex: `start` while stopping
+//! is refused with `ERR_GOSSIP_STOPPING`, and every `stop` call of one shutdown waits on the same
+//! completion, which fires once every task has ended and the port is free. The cluster state
+//! sits behind a std mutex that is never held across an await.
 
+use crate::address;
 use crate::config::Settings;
-use crate::peers::Membership;
-use crate::protocol::{Cluster, EventSink, PeerInfo, Suspicion, SynReply, Target};
-use crate::wire::{self, Message, Rejection};
+use crate::exchange;
+use crate::protocol::{Cluster, EventSink, PeerInfo};
+use crate::transport::{Listener, Tcp, Transport};
+use crate::wire::{self, Rejection};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use rand::rngs::SmallRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdListener, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::{timeout, Instant, MissedTickBehavior};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -79,7 +80,11 @@ pub struct Counters {
     pub exchanges: AtomicU64,
     pub pushes_sent: AtomicU64,
     pub connect_failures: AtomicU64,
+    /// Sends that failed or did not finish within `idle_timeout`.
+    pub send_failures: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Seed host names that resolved to nothing; they are tried again later.
+    pub seed_resolve_failures: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
 
@@ -115,48 +120,164 @@ impl StartError {
     }
 }
 
-/// Where to listen and what to call ourselves.
-#[derive(Clone, Debug)]
+/// Where to listen and what to call ourselves (see [`address`] for the rules).
+#[derive(Clone, Debug, Default)]
 pub struct Listen {
     pub port: u16,
-    /// Bind and advertise this address. Without it the node listens on every interface and
-    /// advertises the address it would use to reach its first seed (loopback without seeds).
+    /// Bind this IP; `None`, `0.0.0.0` and `::` bind every interface.
     pub address: Option<IpAddr>,
+    /// Advertise this address instead of the one we bind (NAT, port mapping).
+    pub advertise: Option<SocketAddr>,
 }
 
-struct Shared {
-    settings: Arc<Settings>,
+impl Listen {
+    fn bind_ip(&self) -> IpAddr {
+        self.address.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+    }
+}
+
+/// What the node's tasks share.
+pub(crate) struct Shared<T> {
+    pub(crate) settings: Arc<Settings>,
     cluster: Mutex<Cluster>,
-    counters: Counters,
+    pub(crate) counters: Counters,
     seeds: Vec<String>,
-    /// Wakes the push task when local or relayed changes are waiting.
-    push_wanted: Notify,
+    pub(crate) transport: T,
+    /// The IP we listen on (unspecified for every interface) and our name, for recognising
+    /// ourselves among the seeds.
+    local: Mutex<(IpAddr, Option<SocketAddr>)>,
+    /// Wakes the push task when local or relayed changes are waiting. Notified by writes and
+    /// by exchanges that bring peers to push to; only the push task waits on it.
+    pub(crate) push_wanted: Notify,
+    /// Fixed in tests, so that every random choice of a node can be replayed.
+    rng_seed: Option<u64>,
+    rngs_made: AtomicU64,
 }
 
-impl Shared {
-    fn cluster(&self) -> MutexGuard<'_, Cluster> {
+impl<T: Transport> Shared<T> {
+    pub(crate) fn cluster(&self) -> MutexGuard<'_, Cluster> {
         // A panic while holding the lock is a bug; the state is still the best we have.
         self.cluster.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    pub(crate) fn rng(&self) -> SmallRng {
+        match self.rng_seed {
+            Some(seed) => {
+                let n = self.rngs_made.fetch_add(1, Relaxed);
+                SmallRng::seed_from_u64(seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+            }
+            None => SmallRng::from_entropy(),
+        }
+    }
+
+    /// One address of `seed`, resolved now, never ourselves; a random one when the name has
+    /// several (a headless service names every pod).
+    pub(crate) async fn resolve_seed(&self, seed: &str) -> Option<SocketAddr> {
+        let resolved = timeout(self.settings.connect_timeout, self.transport.resolve(seed)).await;
+        let Ok(Ok(addresses)) = resolved else {
+            self.counters.seed_resolve_failures.fetch_add(1, Relaxed);
+            return None;
+        };
+        let (bound, name) = *self.local.lock().unwrap_or_else(|e| e.into_inner());
+        let host = self.transport.host_addresses();
+        let others: Vec<SocketAddr> = addresses
+            .into_iter()
+            .filter(|&a| name.is_none_or(|name| !address::is_self(a, name, bound, &host)))
+            .collect();
+        others
+            .get(self.rng().gen_range(0..others.len().max(1)))
+            .copied()
+    }
+
+    /// Our name under the rules of [`address`]; resolving host-name seeds takes a while.
+    async fn decide_name(&self, listen: &Listen, port: u16) -> SocketAddr {
+        if let Some(name) = self.name_without_lookup(listen, port) {
+            return name;
+        }
+        let lookups = self.seeds.iter().map(|seed| async move {
+            match timeout(self.settings.connect_timeout, self.transport.resolve(seed)).await {
+                Ok(Ok(addresses)) => addresses,
+                _ => {
+                    self.counters.seed_resolve_failures.fetch_add(1, Relaxed);
+                    Vec::new()
+                }
+            }
+        });
+        let seeds: Vec<SocketAddr> = futures_util::future::join_all(lookups)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        self.name_from_seeds(&seeds, port)
+    }
+
+    /// The name when no lookup is needed: given, bound to a specific IP, or seeds that are
+    /// all IP addresses.
+    fn name_without_lookup(&self, listen: &Listen, port: u16) -> Option<SocketAddr> {
+        if let Some(advertise) = listen.advertise {
+            let port = if advertise.port() == 0 {
+                port
+            } else {
+                advertise.port()
+            };
+            return Some(SocketAddr::new(advertise.ip(), port));
+        }
+        if let Some(ip) = listen.address.filter(|ip| !ip.is_unspecified()) {
+            return Some(SocketAddr::new(ip, port));
+        }
+        let seeds: Option<Vec<SocketAddr>> = self.seeds.iter().map(|s| s.parse().ok()).collect();
+        Some(self.name_from_seeds(&seeds?, port))
+    }
+
+    fn name_from_seeds(&self, seeds: &[SocketAddr], port: u16) -> SocketAddr {
+        let host = self.transport.host_addresses();
+        let ip = address::choose_advertised_ip(seeds, |ip| self.transport.route_to(ip), &host);
+        SocketAddr::new(ip, port)
+    }
+}
+
+/// Where a node is in its life. Only `start` and `stop` change it.
+enum Lifecycle {
+    Stopped {
+        since: Option<Instant>,
+    },
+    Running(Running),
+    /// Every caller of `stop` waits on this until it turns true.
+    Stopping(watch::Receiver<bool>),
 }
 
 struct Running {
     /// Cancelled by `stop`; every task of this incarnation watches it.
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// Our name, once decided (see [`Shared::decide_name`]); `stop` waits for it.
+    name: watch::Receiver<Option<String>>,
 }
 
-pub struct Node {
-    shared: Arc<Shared>,
-    running: Mutex<Option<Running>>,
-    stopped_at: Mutex<Option<Instant>>,
+pub struct Node<T: Transport = Tcp> {
+    shared: Arc<Shared<T>>,
+    lifecycle: Arc<Mutex<Lifecycle>>,
     /// The port of the last incarnation: a node asked for any port keeps its name across
     /// restarts when that port is still free.
     last_port: AtomicU64,
 }
 
-impl Node {
+impl Node<Tcp> {
     pub fn new(settings: Settings, seeds: Vec<String>, sink: Arc<dyn EventSink>) -> Self {
+        let transport = Tcp::new(settings.limits.max_frame_bytes);
+        Node::with_transport(settings, seeds, sink, transport, None)
+    }
+}
+
+impl<T: Transport> Node<T> {
+    /// A node on any transport; `rng_seed` fixes its random choices (tests).
+    pub fn with_transport(
+        settings: Settings,
+        seeds: Vec<String>,
+        sink: Arc<dyn EventSink>,
+        transport: T,
+        rng_seed: Option<u64>,
+    ) -> Self {
         let settings = Arc::new(settings);
         Node {
             shared: Arc::new(Shared {
@@ -164,107 +285,135 @@ impl Node {
                 settings,
                 counters: Counters::default(),
                 seeds,
+                transport,
+                local: Mutex::new((IpAddr::V6(Ipv6Addr::UNSPECIFIED), None)),
                 push_wanted: Notify::new(),
+                rng_seed,
+                rngs_made: AtomicU64::new(0),
             }),
-            running: Mutex::new(None),
-            stopped_at: Mutex::new(None),
+            lifecycle: Arc::new(Mutex::new(Lifecycle::Stopped { since: None })),
             last_port: AtomicU64::new(0),
         }
     }
 
-    pub fn is_running(&self) -> bool {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+    fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {
+        self.lifecycle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Binds, then starts gossiping under a new generation. Returns the advertised name.
-    pub fn start(&self, listen: &Listen) -> Result<String, StartError> {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if running.is_some() {
-            return Err(StartError {
-                code: "ERR_GOSSIP_RUNNING",
-                message: "already started".into(),
-            });
-        }
-        let last_port = self.last_port.load(Relaxed) as u16;
-        let std_listener = match (listen.port, last_port) {
-            (0, 1..) => bind(&Listen {
-                port: last_port,
-                ..listen.clone()
-            })
-            .or_else(|_| bind(listen)),
-            _ => bind(listen),
-        }
-        .map_err(|e| StartError::from_io(e, "cannot listen"))?;
-        let port = std_listener
+    pub fn is_running(&self) -> bool {
+        matches!(*self.lifecycle(), Lifecycle::Running(_))
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        matches!(*self.lifecycle(), Lifecycle::Stopping(_))
+    }
+
+    /// Binds, then starts gossiping under a new generation. Must run inside a tokio runtime.
+    /// Returns our name when it is known at once (no seed needs a lookup), and a receiver that
+    /// holds it once decided.
+    pub fn start(
+        &self,
+        listen: &Listen,
+    ) -> Result<(Option<String>, watch::Receiver<Option<String>>), StartError> {
+        let mut lifecycle = self.lifecycle();
+        let stopped_for = match &*lifecycle {
+            Lifecycle::Running(_) => {
+                return Err(StartError {
+                    code: "ERR_GOSSIP_RUNNING",
+                    message: "already started".into(),
+                })
+            }
+            Lifecycle::Stopping(_) => {
+                return Err(StartError {
+                    code: "ERR_GOSSIP_STOPPING",
+                    message: "still stopping; start again once stop() has resolved".into(),
+                })
+            }
+            Lifecycle::Stopped { since } => since.map_or(Duration::ZERO, |at| at.elapsed()),
+        };
+        let listener = self.bind(listen)?;
+        let port = listener
             .local_addr()
             .map_err(|e| StartError::from_io(e, "cannot listen"))?
             .port();
         self.last_port.store(port as u64, Relaxed);
-        let ip = listen
-            .address
-            .unwrap_or_else(|| advertised_ip(&self.shared.seeds));
-        let name = SocketAddr::new(ip, port).to_string();
-
-        let _guard = runtime().enter();
-        let listener = TcpListener::from_std(std_listener)
-            .map_err(|e| StartError::from_io(e, "cannot listen"))?;
-        let stopped_for = self
-            .stopped_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .map_or(Duration::ZERO, |at| at.elapsed());
-        self.shared
-            .cluster()
-            .begin_incarnation(name.clone(), next_generation(), stopped_for);
+        *self.shared.local.lock().unwrap_or_else(|e| e.into_inner()) = (listen.bind_ip(), None);
 
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(accept_loop(
-            self.shared.clone(),
+        let (name_tx, name_rx) = watch::channel(None);
+        let boot = Boot {
+            shared: self.shared.clone(),
             listener,
-            cancel.clone(),
-            tasks.clone(),
-        ));
-        tasks.spawn(gossip_loop(
-            self.shared.clone(),
-            cancel.clone(),
-            tasks.clone(),
-        ));
-        tasks.spawn(push_loop(self.shared.clone(), cancel.clone()));
-        *running = Some(Running { cancel, tasks });
-        Ok(name)
+            cancel: cancel.clone(),
+            tasks: tasks.clone(),
+            stopped_for,
+            name: name_tx,
+        };
+        let known = self.shared.name_without_lookup(listen, port);
+        match known {
+            Some(name) => boot.run(name),
+            None => {
+                let listen = listen.clone();
+                tokio::spawn(async move {
+                    let name = boot.shared.decide_name(&listen, port).await;
+                    boot.run(name);
+                });
+            }
+        }
+        *lifecycle = Lifecycle::Running(Running {
+            cancel,
+            tasks,
+            name: name_rx.clone(),
+        });
+        Ok((known.map(|n| n.to_string()), name_rx))
+    }
+
+    fn bind(&self, listen: &Listen) -> Result<T::Listener, StartError> {
+        let transport = &self.shared.transport;
+        let at = |port| SocketAddr::new(listen.bind_ip(), port);
+        let last_port = self.last_port.load(Relaxed) as u16;
+        match (listen.port, last_port) {
+            (0, 1..) => transport
+                .bind(at(last_port))
+                .or_else(|_| transport.bind(at(0))),
+            (port, _) => transport.bind(at(port)),
+        }
+        .map_err(|e| StartError::from_io(e, "cannot listen"))
     }
 
     /// Announces the departure to a few peers (bounded by the connect timeout), then ends every
-    /// task. Local state is kept for the next `start`.
-    pub async fn stop(&self) {
-        let Some(running) = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
-            return;
+    /// task. Every call made until then waits for the same end. Must run inside a tokio runtime.
+    pub fn stop(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut lifecycle = self.lifecycle();
+        let done = match &*lifecycle {
+            Lifecycle::Stopped { .. } => None,
+            Lifecycle::Stopping(done) => Some(done.clone()),
+            Lifecycle::Running(_) => {
+                let (done_tx, done_rx) = watch::channel(false);
+                let Lifecycle::Running(running) =
+                    std::mem::replace(&mut *lifecycle, Lifecycle::Stopping(done_rx.clone()))
+                else {
+                    unreachable!("matched Running above")
+                };
+                let shared = self.shared.clone();
+                let lifecycle = self.lifecycle.clone();
+                tokio::spawn(async move {
+                    shutdown(&shared, running).await;
+                    *lifecycle.lock().unwrap_or_else(|e| e.into_inner()) = Lifecycle::Stopped {
+                        since: Some(Instant::now()),
+                    };
+                    let _ = done_tx.send(true);
+                });
+                Some(done_rx)
+            }
         };
-        let deltas = {
-            let mut cluster = self.shared.cluster();
-            cluster.leave();
-            cluster.take_unpushed()
-        };
-        let targets = self
-            .shared
-            .cluster()
-            .broadcast_targets(&mut SmallRng::from_entropy());
-        let announce = push(&self.shared, deltas, targets);
-        let _ = timeout(self.shared.settings.connect_timeout, announce).await;
-        running.cancel.cancel();
-        running.tasks.close();
-        running.tasks.wait().await;
-        *self.stopped_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        async move {
+            if let Some(mut done) = done {
+                // An error means the stopping task is gone, which also means it is over.
+                let _ = done.wait_for(|&stopped| stopped).await;
+            }
+        }
     }
 
     /// Writes a local key and pushes it at once if running. False when nothing changed.
@@ -290,107 +439,77 @@ impl Node {
     }
 }
 
-impl Drop for Node {
+impl<T: Transport> Drop for Node<T> {
     fn drop(&mut self) {
-        if let Some(running) = self
-            .running
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Lifecycle::Running(running) = &*self.lifecycle() {
             running.cancel.cancel();
         }
     }
 }
 
-fn bind(listen: &Listen) -> io::Result<StdListener> {
-    let listener = match listen.address {
-        Some(ip) => StdListener::bind((ip, listen.port))?,
-        // Dual-stack where the host has IPv6, so both 127.0.0.1 and ::1 reach us.
-        None => StdListener::bind((Ipv6Addr::UNSPECIFIED, listen.port))
-            .or_else(|_| StdListener::bind((Ipv4Addr::UNSPECIFIED, listen.port)))?,
-    };
-    listener.set_nonblocking(true)?;
-    Ok(listener)
+/// What a start hands to the part that runs once the name is decided.
+struct Boot<T: Transport> {
+    shared: Arc<Shared<T>>,
+    listener: T::Listener,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    stopped_for: Duration,
+    /// Read by `start`'s caller and by `stop`, which waits for the name before leaving.
+    name: watch::Sender<Option<String>>,
 }
 
-/// The local address the kernel would route from toward the first seed given as an IP address.
-/// Connecting a UDP socket sends nothing; it only picks the route.
-fn advertised_ip(seeds: &[String]) -> IpAddr {
-    let seed = seeds.iter().find_map(|s| s.parse::<SocketAddr>().ok());
-    let Some(seed) = seed else {
-        return IpAddr::V4(Ipv4Addr::LOCALHOST);
-    };
-    if seed.ip().is_loopback() {
-        return seed.ip();
-    }
-    let local = if seed.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    };
-    UdpSocket::bind(local)
-        .and_then(|socket| {
-            socket.connect(seed)?;
-            socket.local_addr()
-        })
-        .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |a| a.ip())
-}
-
-type Connection = Framed<TcpStream, LengthDelimitedCodec>;
-
-async fn send(shared: &Shared, conn: &mut Connection, message: &Message) -> io::Result<()> {
-    let name = shared.cluster().name().to_owned();
-    let frame = wire::encode(&shared.settings.cluster_name, &name, message);
-    shared.counters.messages_sent.fetch_add(1, Relaxed);
-    shared
-        .counters
-        .bytes_sent
-        .fetch_add(frame.len() as u64 + 4, Relaxed);
-    conn.send(frame).await
-}
-
-/// The next message, or None when the peer closed, timed out or sent something we drop.
-async fn receive(shared: &Shared, conn: &mut Connection) -> Option<(String, Message)> {
-    let counters = &shared.counters;
-    let frame = match timeout(shared.settings.idle_timeout, conn.next()).await {
-        Ok(Some(Ok(frame))) => frame,
-        Ok(Some(Err(error))) => {
-            let oversized = error.kind() == io::ErrorKind::InvalidData;
-            counters.reject(if oversized {
-                Rejection::Oversized
-            } else {
-                Rejection::Malformed
-            });
-            return None;
-        }
-        Ok(None) | Err(_) => return None,
-    };
-    counters.messages_received.fetch_add(1, Relaxed);
-    counters
-        .bytes_received
-        .fetch_add(frame.len() as u64 + 4, Relaxed);
-    match wire::decode(
-        &frame,
-        &shared.settings.cluster_name,
-        &shared.settings.limits,
-    ) {
-        Ok(message) => Some(message),
-        Err(reason) => {
-            counters.reject(reason);
-            None
-        }
+impl<T: Transport> Boot<T> {
+    /// Begins the incarnation under `name` and spawns the node's tasks.
+    fn run(self, name: SocketAddr) {
+        let Boot {
+            shared,
+            listener,
+            cancel,
+            tasks,
+            stopped_for,
+            name: name_tx,
+        } = self;
+        shared.local.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(name);
+        shared
+            .cluster()
+            .begin_incarnation(name.to_string(), next_generation(), stopped_for);
+        tasks.spawn(accept_loop(
+            shared.clone(),
+            listener,
+            cancel.clone(),
+            tasks.clone(),
+        ));
+        tasks.spawn(gossip_loop(shared.clone(), cancel.clone(), tasks.clone()));
+        tasks.spawn(push_loop(shared, cancel));
+        let _ = name_tx.send(Some(name.to_string()));
     }
 }
 
-fn framed(stream: TcpStream, shared: &Shared) -> Connection {
-    let _ = stream.set_nodelay(true);
-    Framed::new(stream, wire::codec(&shared.settings.limits))
+/// Leaves (announced to a few peers within the connect timeout), then ends every task.
+async fn shutdown<T: Transport>(shared: &Shared<T>, running: Running) {
+    let Running {
+        cancel,
+        tasks,
+        mut name,
+    } = running;
+    // The name lookup is bounded by the connect timeout; until it ends there is nobody to leave.
+    let _ = name.wait_for(Option::is_some).await;
+    let deltas = {
+        let mut cluster = shared.cluster();
+        cluster.leave();
+        cluster.take_unpushed()
+    };
+    let targets = shared.cluster().broadcast_targets(&mut shared.rng());
+    let announce = exchange::push(shared, deltas, targets);
+    let _ = timeout(shared.settings.connect_timeout, announce).await;
+    cancel.cancel();
+    tasks.close();
+    tasks.wait().await;
 }
 
-async fn accept_loop(
-    shared: Arc<Shared>,
-    listener: TcpListener,
+async fn accept_loop<T: Transport>(
+    shared: Arc<Shared<T>>,
+    mut listener: T::Listener,
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -400,8 +519,8 @@ async fn accept_loop(
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let connection = match accepted {
+            Ok(connection) => connection,
             // Out of descriptors or an aborted handshake: transient, keep serving.
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -417,121 +536,20 @@ async fn accept_loop(
         tasks.spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = serve(&shared, framed(stream, &shared)) => {}
+                _ = exchange::serve(&shared, connection) => {}
             }
             drop(permit);
         });
     }
 }
 
-/// Responder side of one connection: an exchange, or a push.
-async fn serve(shared: &Shared, mut conn: Connection) {
-    let Some((_, mut message)) = receive(shared, &mut conn).await else {
-        return;
-    };
-    if let Message::CompactSyn {
-        membership_hash,
-        versions,
-    } = &message
-    {
-        let reply = shared
-            .cluster()
-            .handle_compact_syn(*membership_hash, versions, Instant::now());
-        if let Some(reply) = reply {
-            return answer_syn(shared, conn, reply).await;
-        }
-        if send(shared, &mut conn, &Message::NeedDigest).await.is_err() {
-            return;
-        }
-        let Some((_, next)) = receive(shared, &mut conn).await else {
-            return;
-        };
-        message = next;
-    }
-    match message {
-        Message::Syn { digest } => {
-            let reply = shared.cluster().handle_syn(&digest, Instant::now());
-            answer_syn(shared, conn, reply).await;
-        }
-        Message::Suspect {
-            name,
-            generation,
-            heartbeat,
-            mut forward_to,
-        } => {
-            let suspicion = Suspicion {
-                name,
-                generation,
-                heartbeat,
-            };
-            {
-                let mut cluster = shared.cluster();
-                cluster.corroborate(&suspicion, Instant::now());
-                cluster.retain_live(&mut forward_to);
-            }
-            forward_suspicion(shared, suspicion, forward_to).await;
-        }
-        Message::Push {
-            deltas,
-            mut forward_to,
-        } => {
-            let deltas_to_forward = (!forward_to.is_empty()).then(|| deltas.clone());
-            apply(shared, deltas);
-            if let Some(deltas) = deltas_to_forward {
-                shared.cluster().retain_live(&mut forward_to);
-                push(shared, deltas, forward_to).await;
-            }
-        }
-        _ => shared.counters.reject(Rejection::Unexpected),
-    }
-}
-
-/// Sends the SynAck, then applies the Ack that ends the exchange.
-async fn answer_syn(shared: &Shared, mut conn: Connection, reply: SynReply) {
-    let SynReply {
-        deltas,
-        requests,
-        heartbeats,
-    } = reply;
-    if send(
-        shared,
-        &mut conn,
-        &Message::SynAck {
-            deltas,
-            requests,
-            heartbeats,
-        },
-    )
-    .await
-    .is_err()
-    {
-        return;
-    }
-    match receive(shared, &mut conn).await {
-        Some((_, Message::Ack { deltas })) => {
-            apply(shared, deltas);
-            shared.counters.exchanges.fetch_add(1, Relaxed);
-        }
-        Some(_) => shared.counters.reject(Rejection::Unexpected),
-        None => {}
-    }
-}
-
-fn apply(shared: &Shared, deltas: Vec<wire::NodeDelta>) {
-    shared.cluster().apply_deltas(deltas, Instant::now());
-    wake_pusher(shared);
-}
-
-/// A change may have waited for peers to push to; an exchange may just have brought them.
-fn wake_pusher(shared: &Shared) {
-    if shared.cluster().has_unpushed() {
-        shared.push_wanted.notify_one();
-    }
-}
-
-async fn gossip_loop(shared: Arc<Shared>, cancel: CancellationToken, tasks: TaskTracker) {
+async fn gossip_loop<T: Transport>(
+    shared: Arc<Shared<T>>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
     let interval = shared.settings.gossip_interval;
-    let mut rng = SmallRng::from_entropy();
+    let mut rng = shared.rng();
     // Nodes started together should not all gossip in the same instant.
     let offset = interval.mul_f64(rand::Rng::gen::<f64>(&mut rng));
     let mut ticker = tokio::time::interval_at(Instant::now() + offset, interval);
@@ -567,7 +585,7 @@ async fn gossip_loop(shared: Arc<Shared>, cancel: CancellationToken, tasks: Task
             tasks.spawn(async move {
                 tokio::select! {
                     _ = cancel.cancelled() => {}
-                    _ = announce_suspicion(&shared, suspicion) => {}
+                    _ = exchange::announce_suspicion(&shared, suspicion) => {}
                 }
             });
         }
@@ -578,100 +596,18 @@ async fn gossip_loop(shared: Arc<Shared>, cancel: CancellationToken, tasks: Task
             tasks.spawn(async move {
                 tokio::select! {
                     _ = cancel.cancelled() => {}
-                    _ = exchange(&shared, target, membership, versions) => {}
+                    _ = exchange::exchange(&shared, target, membership, versions) => {}
                 }
             });
         }
     }
 }
 
-async fn connect(shared: &Shared, target: &Target) -> Option<Connection> {
-    let address = match target {
-        Target::Peer(name) => name.parse::<SocketAddr>().ok(),
-        Target::Seed(seed) => tokio::net::lookup_host(seed.as_str())
-            .await
-            .ok()
-            .and_then(|mut addrs| addrs.next()),
-    };
-    let stream = match address {
-        Some(address) => {
-            timeout(shared.settings.connect_timeout, TcpStream::connect(address)).await
-        }
-        None => Ok(Err(io::ErrorKind::NotFound.into())),
-    };
-    match stream {
-        Ok(Ok(stream)) => Some(framed(stream, shared)),
-        _ => {
-            shared.counters.connect_failures.fetch_add(1, Relaxed);
-            None
-        }
-    }
-}
-
-/// Initiator side of one push-pull exchange: a CompactSyn first, the named digest if the
-/// responder's membership differs.
-async fn exchange(
-    shared: &Shared,
-    target: Target,
-    membership: Arc<Membership>,
-    versions: Vec<u64>,
-) {
-    let Some(mut conn) = connect(shared, &target).await else {
-        return;
-    };
-    let compact = Message::CompactSyn {
-        membership_hash: membership.hash,
-        versions,
-    };
-    if send(shared, &mut conn, &compact).await.is_err() {
-        return;
-    }
-    let mut response = receive(shared, &mut conn).await;
-    let mut positions = Some(&*membership);
-    if let Some((_, Message::NeedDigest)) = response {
-        let digest = shared.cluster().digest();
-        if send(shared, &mut conn, &Message::Syn { digest })
-            .await
-            .is_err()
-        {
-            return;
-        }
-        response = receive(shared, &mut conn).await;
-        positions = None;
-    }
-    let reply = match response {
-        Some((
-            _,
-            Message::SynAck {
-                deltas,
-                requests,
-                heartbeats,
-            },
-        )) => SynReply {
-            deltas,
-            requests,
-            heartbeats,
-        },
-        Some(_) => return shared.counters.reject(Rejection::Unexpected),
-        None => return,
-    };
-    let answers = shared
-        .cluster()
-        .handle_syn_ack(reply, positions, Instant::now());
-    wake_pusher(shared);
-    if send(shared, &mut conn, &Message::Ack { deltas: answers })
-        .await
-        .is_ok()
-    {
-        shared.counters.exchanges.fetch_add(1, Relaxed);
-    }
-}
-
 /// Broadcasts local changes as soon as they happen. Broadcasts start at most every
 /// `PUSH_SPACING`; changes made in between go out together, so a burst of writes costs a few
 /// broadcasts while a lone write leaves at once.
-async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
-    let mut rng = SmallRng::from_entropy();
+async fn push_loop<T: Transport>(shared: Arc<Shared<T>>, cancel: CancellationToken) {
+    let mut rng = shared.rng();
     let mut last_broadcast = Instant::now() - PUSH_SPACING;
     loop {
         tokio::select! {
@@ -694,7 +630,7 @@ async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         last_broadcast = Instant::now();
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = push(&shared, deltas, targets) => {}
+            _ = exchange::push(&shared, deltas, targets) => {}
         }
         if shared.cluster().has_unpushed() {
             shared.push_wanted.notify_one();
@@ -703,67 +639,3 @@ async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
 }
 
 const PUSH_SPACING: Duration = Duration::from_millis(5);
-
-/// Broadcasts `deltas` to `targets` as a Push.
-async fn push(shared: &Shared, deltas: Vec<wire::NodeDelta>, targets: Vec<String>) {
-    if deltas.is_empty() {
-        return;
-    }
-    let message = |forward_to| Message::Push {
-        deltas: deltas.clone(),
-        forward_to,
-    };
-    broadcast(shared, targets, message).await;
-}
-
-/// Sends a message to every node in `targets` along a tree: the targets are split into
-/// `push_fanout` shares; the first reachable node of each share gets `message(rest of its
-/// share)` to forward, so a broadcast to N nodes takes about log(N) hops. An unreachable node is
-/// skipped by its sender, so a dead peer does not cut off its share.
-async fn broadcast(
-    shared: &Shared,
-    targets: Vec<String>,
-    message: impl Fn(Vec<String>) -> Message,
-) {
-    if targets.is_empty() {
-        return;
-    }
-    let fanout = shared.settings.push_fanout.max(1);
-    let share_len = targets.len().div_ceil(fanout);
-    let shares = targets.chunks(share_len).map(|share| {
-        let message = &message;
-        async move {
-            for (i, peer) in share.iter().enumerate() {
-                let Some(mut conn) = connect(shared, &Target::Peer(peer.clone())).await else {
-                    continue;
-                };
-                if send(shared, &mut conn, &message(share[i + 1..].to_vec()))
-                    .await
-                    .is_ok()
-                {
-                    shared.counters.pushes_sent.fetch_add(1, Relaxed);
-                    return;
-                }
-            }
-        }
-    });
-    futures_util::future::join_all(shares).await;
-}
-
-/// Tells every live peer about a conviction of ours (see `Cluster::corroborate`).
-async fn announce_suspicion(shared: &Shared, suspicion: Suspicion) {
-    let targets = shared
-        .cluster()
-        .broadcast_targets(&mut SmallRng::from_entropy());
-    forward_suspicion(shared, suspicion, targets).await;
-}
-
-async fn forward_suspicion(shared: &Shared, suspicion: Suspicion, targets: Vec<String>) {
-    let message = |forward_to| Message::Suspect {
-        name: suspicion.name.clone(),
-        generation: suspicion.generation,
-        heartbeat: suspicion.heartbeat,
-        forward_to,
-    };
-    broadcast(shared, targets, message).await;
-}

@@ -41,10 +41,10 @@ impl Default for Limits {
 }
 
 /// Length-prefixed framing shared by both directions of every connection.
-pub fn codec(limits: &Limits) -> LengthDelimitedCodec {
+pub fn codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(4)
-        .max_frame_length(limits.max_frame_bytes)
+        .max_frame_length(max_frame_bytes)
         .new_codec()
 }
 
@@ -712,11 +712,7 @@ mod tests {
 
     #[test]
     fn codec_rejects_oversized_frames() {
-        let limits = Limits {
-            max_frame_bytes: 16,
-            ..Limits::default()
-        };
-        let mut codec = codec(&limits);
+        let mut codec = codec(16);
         let mut buf = BytesMut::new();
         codec.encode(Bytes::from_static(&[0; 8]), &mut buf).unwrap();
         assert_eq!(codec.decode(&mut buf).unwrap().unwrap().len(), 8);

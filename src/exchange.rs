@@ -1,0 +1,325 @@
+//! One connection's worth of protocol: the initiator and responder sides of a push-pull
+//! exchange, the Push tree that broadcasts fresh changes, and the Suspect broadcast. Each
+//! function drives the synchronous [`Cluster`](crate::protocol::Cluster) with what arrives and
+//! sends what it answers; none holds the cluster lock across an await.
+
+use crate::node::Shared;
+use crate::peers::Membership;
+use crate::protocol::{Suspicion, SynReply, Target};
+use crate::transport::{Connection, Transport};
+use crate::wire::{self, Message, Rejection};
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use tokio::time::{timeout, Instant};
+
+/// Sends one message; a send that does not complete within `idle_timeout` fails.
+async fn send<T: Transport>(
+    shared: &Shared<T>,
+    conn: &mut T::Connection,
+    message: &Message,
+) -> io::Result<()> {
+    let name = shared.cluster().name().to_owned();
+    let frame = wire::encode(&shared.settings.cluster_name, &name, message);
+    shared.counters.messages_sent.fetch_add(1, Relaxed);
+    shared
+        .counters
+        .bytes_sent
+        .fetch_add(frame.len() as u64 + 4, Relaxed);
+    let sent = timeout(shared.settings.idle_timeout, conn.send(frame))
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
+    if sent.is_err() {
+        shared.counters.send_failures.fetch_add(1, Relaxed);
+    }
+    sent
+}
+
+/// The next message, or None when the peer closed, timed out or sent something we drop.
+async fn receive<T: Transport>(
+    shared: &Shared<T>,
+    conn: &mut T::Connection,
+) -> Option<(String, Message)> {
+    let counters = &shared.counters;
+    let frame = match timeout(shared.settings.idle_timeout, conn.recv()).await {
+        Ok(Some(Ok(frame))) => frame,
+        Ok(Some(Err(error))) => {
+            let oversized = error.kind() == io::ErrorKind::InvalidData;
+            counters.reject(if oversized {
+                Rejection::Oversized
+            } else {
+                Rejection::Malformed
+            });
+            return None;
+        }
+        Ok(None) | Err(_) => return None,
+    };
+    counters.messages_received.fetch_add(1, Relaxed);
+    counters
+        .bytes_received
+        .fetch_add(frame.len() as u64 + 4, Relaxed);
+    match wire::decode(
+        &frame,
+        &shared.settings.cluster_name,
+        &shared.settings.limits,
+    ) {
+        Ok(message) => Some(message),
+        Err(reason) => {
+            counters.reject(reason);
+            None
+        }
+    }
+}
+
+/// Responder side of one connection: an exchange, or a push.
+pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, mut conn: T::Connection) {
+    let Some((_, mut message)) = receive(shared, &mut conn).await else {
+        return;
+    };
+    if let Message::CompactSyn {
+        membership_hash,
+        versions,
+    } = &message
+    {
+        let reply = shared
+            .cluster()
+            .handle_compact_syn(*membership_hash, versions, Instant::now());
+        if let Some(reply) = reply {
+            return answer_syn(shared, conn, reply).await;
+        }
+        if send(shared, &mut conn, &Message::NeedDigest).await.is_err() {
+            return;
+        }
+        let Some((_, next)) = receive(shared, &mut conn).await else {
+            return;
+        };
+        message = next;
+    }
+    match message {
+        Message::Syn { digest } => {
+            let reply = shared.cluster().handle_syn(&digest, Instant::now());
+            answer_syn(shared, conn, reply).await;
+        }
+        Message::Suspect {
+            name,
+            generation,
+            heartbeat,
+            mut forward_to,
+        } => {
+            let suspicion = Suspicion {
+                name,
+                generation,
+                heartbeat,
+            };
+            {
+                let mut cluster = shared.cluster();
+                cluster.corroborate(&suspicion, Instant::now());
+                cluster.retain_live(&mut forward_to);
+            }
+            forward_suspicion(shared, suspicion, forward_to).await;
+        }
+        Message::Push {
+            deltas,
+            mut forward_to,
+        } => {
+            let deltas_to_forward = (!forward_to.is_empty()).then(|| deltas.clone());
+            apply(shared, deltas);
+            if let Some(deltas) = deltas_to_forward {
+                shared.cluster().retain_live(&mut forward_to);
+                push(shared, deltas, forward_to).await;
+            }
+        }
+        _ => shared.counters.reject(Rejection::Unexpected),
+    }
+}
+
+/// Sends the SynAck, then applies the Ack that ends the exchange.
+async fn answer_syn<T: Transport>(shared: &Shared<T>, mut conn: T::Connection, reply: SynReply) {
+    let SynReply {
+        deltas,
+        requests,
+        heartbeats,
+    } = reply;
+    if send(
+        shared,
+        &mut conn,
+        &Message::SynAck {
+            deltas,
+            requests,
+            heartbeats,
+        },
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    match receive(shared, &mut conn).await {
+        Some((_, Message::Ack { deltas })) => {
+            apply(shared, deltas);
+            shared.counters.exchanges.fetch_add(1, Relaxed);
+        }
+        Some(_) => shared.counters.reject(Rejection::Unexpected),
+        None => {}
+    }
+}
+
+fn apply<T: Transport>(shared: &Shared<T>, deltas: Vec<wire::NodeDelta>) {
+    shared.cluster().apply_deltas(deltas, Instant::now());
+    wake_pusher(shared);
+}
+
+/// A change may have waited for peers to push to; an exchange may just have brought them.
+pub(crate) fn wake_pusher<T: Transport>(shared: &Shared<T>) {
+    if shared.cluster().has_unpushed() {
+        shared.push_wanted.notify_one();
+    }
+}
+
+async fn connect<T: Transport>(shared: &Shared<T>, target: &Target) -> Option<T::Connection> {
+    let address = match target {
+        Target::Peer(name) => name.parse().ok(),
+        Target::Seed(seed) => shared.resolve_seed(seed).await,
+    }?;
+    match timeout(
+        shared.settings.connect_timeout,
+        shared.transport.connect(address),
+    )
+    .await
+    {
+        Ok(Ok(connection)) => Some(connection),
+        _ => {
+            shared.counters.connect_failures.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+/// Initiator side of one push-pull exchange: a CompactSyn first, the named digest if the
+/// responder's membership differs.
+pub(crate) async fn exchange<T: Transport>(
+    shared: &Shared<T>,
+    target: Target,
+    membership: Arc<Membership>,
+    versions: Vec<u64>,
+) {
+    let Some(mut conn) = connect(shared, &target).await else {
+        return;
+    };
+    let compact = Message::CompactSyn {
+        membership_hash: membership.hash,
+        versions,
+    };
+    if send(shared, &mut conn, &compact).await.is_err() {
+        return;
+    }
+    let mut response = receive(shared, &mut conn).await;
+    let mut positions = Some(&*membership);
+    if let Some((_, Message::NeedDigest)) = response {
+        let digest = shared.cluster().digest();
+        if send(shared, &mut conn, &Message::Syn { digest })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        response = receive(shared, &mut conn).await;
+        positions = None;
+    }
+    let reply = match response {
+        Some((
+            _,
+            Message::SynAck {
+                deltas,
+                requests,
+                heartbeats,
+            },
+        )) => SynReply {
+            deltas,
+            requests,
+            heartbeats,
+        },
+        Some(_) => return shared.counters.reject(Rejection::Unexpected),
+        None => return,
+    };
+    let answers = shared
+        .cluster()
+        .handle_syn_ack(reply, positions, Instant::now());
+    wake_pusher(shared);
+    if send(shared, &mut conn, &Message::Ack { deltas: answers })
+        .await
+        .is_ok()
+    {
+        shared.counters.exchanges.fetch_add(1, Relaxed);
+    }
+}
+
+/// Broadcasts `deltas` to `targets` as a Push.
+pub(crate) async fn push<T: Transport>(
+    shared: &Shared<T>,
+    deltas: Vec<wire::NodeDelta>,
+    targets: Vec<String>,
+) {
+    if deltas.is_empty() {
+        return;
+    }
+    let message = |forward_to| Message::Push {
+        deltas: deltas.clone(),
+        forward_to,
+    };
+    broadcast(shared, targets, message).await;
+}
+
+/// Sends a message to every node in `targets` along a tree: the targets are split into
+/// `push_fanout` shares; the first reachable node of each share gets `message(rest of its
+/// share)` to forward, so a broadcast to N nodes takes about log(N) hops. An unreachable node is
+/// skipped by its sender, so a dead peer does not cut off its share.
+async fn broadcast<T: Transport>(
+    shared: &Shared<T>,
+    targets: Vec<String>,
+    message: impl Fn(Vec<String>) -> Message,
+) {
+    if targets.is_empty() {
+        return;
+    }
+    let fanout = shared.settings.push_fanout.max(1);
+    let share_len = targets.len().div_ceil(fanout);
+    let shares = targets.chunks(share_len).map(|share| {
+        let message = &message;
+        async move {
+            for (i, peer) in share.iter().enumerate() {
+                let Some(mut conn) = connect(shared, &Target::Peer(peer.clone())).await else {
+                    continue;
+                };
+                if send(shared, &mut conn, &message(share[i + 1..].to_vec()))
+                    .await
+                    .is_ok()
+                {
+                    shared.counters.pushes_sent.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
+        }
+    });
+    futures_util::future::join_all(shares).await;
+}
+
+/// Tells every live peer about a conviction of ours (see `Cluster::corroborate`).
+pub(crate) async fn announce_suspicion<T: Transport>(shared: &Shared<T>, suspicion: Suspicion) {
+    let targets = shared.cluster().broadcast_targets(&mut shared.rng());
+    forward_suspicion(shared, suspicion, targets).await;
+}
+
+async fn forward_suspicion<T: Transport>(
+    shared: &Shared<T>,
+    suspicion: Suspicion,
+    targets: Vec<String>,
+) {
+    let message = |forward_to| Message::Suspect {
+        name: suspicion.name.clone(),
+        generation: suspicion.generation,
+        heartbeat: suspicion.heartbeat,
+        forward_to,
+    };
+    broadcast(shared, targets, message).await;
+}
