@@ -4,9 +4,9 @@
 //   node bench/encode.js [--count 200000] [--rounds 7] [other/values.js ...]
 //
 // Encodes `count` small objects of the shape typical for gossiped state, `rounds` times, and
-// prints the median time per round. Extra module paths are measured in the same process,
-// alternating round by round with ./values.js, so that a before/after ratio is fair on a busy
-// machine.
+// prints the median CPU time (user + system) per round: CPU rather than wall time, so that
+// other processes on the machine matter less. Extra module paths are measured in the same
+// process, alternating round by round with ./values.js, for a fair before/after ratio.
 
 const path = require('node:path')
 
@@ -42,10 +42,11 @@ function main() {
   }
   for (let r = 0; r < rounds; r++) {
     for (const e of encoders) {
-      const start = process.hrtime.bigint()
+      const start = process.cpuUsage()
       let sink = 0
       for (let i = 0; i < count; i++) sink += e.encode(inputs[i]).length
-      e.ms.push(Number(process.hrtime.bigint() - start) / 1e6)
+      const used = process.cpuUsage(start)
+      e.ms.push((used.user + used.system) / 1e3)
       if (sink !== e.bytes) throw new Error(`${e.file}: output changed between rounds`)
     }
   }
@@ -53,7 +54,7 @@ function main() {
   const base = median(encoders[0].ms)
   for (const e of encoders) {
     const m = median(e.ms)
-    console.log(`${path.relative(process.cwd(), e.file)}: ${count} values, ${e.bytes} bytes, median ${m.toFixed(1)} ms/round` +
+    console.log(`${path.relative(process.cwd(), e.file)}: ${count} values, ${e.bytes} bytes, median ${m.toFixed(1)} ms CPU/round` +
       ` (${((count / m) * 1000 / 1e6).toFixed(2)} M values/s), ${(m / base).toFixed(3)}x of ./values.js`)
   }
 }
