@@ -4,10 +4,22 @@
 import { EventEmitter } from 'node:events'
 
 /**
- * A value that can be stored under a key and gossiped: anything MessagePack carries.
- * Binary values arrive at other peers as `Buffer`. `undefined` is sent as `null`; objects with a
- * `toJSON()` method (such as `Date`) are sent as its result. Functions, symbols, BigInts and
- * cyclic structures are refused with a TypeError.
+ * A value that can be stored under a key and gossiped, carried exactly: strings, numbers
+ * (including `-0`, `NaN`, `±Infinity`), booleans, `null`, arrays (their elements), plain objects
+ * (prototype `Object.prototype` or `null`; own enumerable string keys), and `Buffer`/`Uint8Array`
+ * (which arrive as `Buffer`), nested up to 512 levels.
+ *
+ * `undefined` is sent as `null`; an object with a `toJSON()` method (such as `Date`) is sent as
+ * its result, applied once as `JSON.stringify` does.
+ *
+ * Refused by `setLocalState` with a TypeError naming the path (e.g. `"value.items[3]"`), because
+ * they would arrive changed: code `ERR_INVALID_ARG_TYPE` for functions, symbols, BigInts, `Map`,
+ * `Set`, `WeakMap`, `WeakSet`, typed arrays other than `Uint8Array` and `DataView`,
+ * `ArrayBuffer`/`SharedArrayBuffer`, boxed primitives (`new String('x')`) and any other object
+ * whose prototype is not `Object.prototype` or `null` (class instances, `Error`, `RegExp`...)
+ * unless it has `toJSON()`; code `ERR_INVALID_ARG_VALUE` for strings (values or object keys) with
+ * a lone surrogate, which UTF-8 cannot carry. Cyclic structures are a TypeError too
+ * (`ERR_INVALID_ARG_VALUE`, naming just the argument), nesting deeper than 512 levels a RangeError.
  */
 export type Value =
   | string
@@ -64,9 +76,13 @@ export interface GossiperOptions {
   idleTimeout?: number
   /** Largest frame sent or accepted, in bytes. Default 4194304 (4 MiB). */
   maxFrameBytes?: number
-  /** Largest key, in UTF-8 bytes. Default 1024. */
+  /** Largest key, in UTF-8 bytes; `setLocalState` refuses a longer one with a RangeError. Default 1024. */
   maxKeyBytes?: number
-  /** Largest value, in encoded (MessagePack) bytes. Default 262144 (256 KiB). */
+  /**
+   * Largest value, in encoded (MessagePack) bytes. Default 262144 (256 KiB). `setLocalState`
+   * stops encoding as soon as the value would pass it and throws a RangeError
+   * (`ERR_OUT_OF_RANGE`).
+   */
   maxValueBytes?: number
   /** Most peer entries one message may carry; larger messages are refused. Default 8192. */
   maxPeersPerMessage?: number
@@ -168,12 +184,23 @@ export declare class Gossiper extends EventEmitter {
   /** Undoes `unref()`: a started gossiper keeps the process alive (the default). */
   ref(): this
 
-  /** Sets a key of this node's state; peers receive it as an 'update' event. */
+  /**
+   * Sets a key of this node's state; peers receive it as an 'update' event. Throws, storing
+   * nothing: a TypeError for a key that is not a non-empty string, or that has a lone surrogate
+   * (`ERR_INVALID_ARG_VALUE`), or for a value that cannot be carried exactly (see `Value`; the
+   * message names the path to the offending part); a RangeError (`ERR_OUT_OF_RANGE`) for a key
+   * over `maxKeyBytes` UTF-8 bytes or a value whose encoding passes `maxValueBytes`, detected as
+   * soon as it does (a huge array, string or Buffer by its length alone).
+   */
   setLocalState(key: string, value: Value): void
+  /** This node's value of a key. Keys are checked as by `setLocalState`, limits aside. */
   getLocalState(key: string): Value | undefined
-  /** The latest known value of a peer's key. */
+  /**
+   * The latest known value of a peer's key. `peer` must be a string without lone surrogates
+   * (TypeError, `ERR_INVALID_ARG_VALUE`); `key` is checked as by `getLocalState`.
+   */
   peerValue(peer: string, key: string): Value | undefined
-  /** The keys known of a peer; empty for an unknown peer. */
+  /** The keys known of a peer; empty for an unknown peer. `peer` is checked as by `peerValue`. */
   peerKeys(peer: string): string[]
   /** Names (`"ip:port"`) of every known peer, this node excluded. */
   allPeers(): string[]

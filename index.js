@@ -4,7 +4,7 @@
 
 const { EventEmitter } = require('node:events')
 const net = require('node:net')
-const { encodeValue, decodeValue, Decoder } = require('./values')
+const { encodeValue, decodeValue, Decoder, checkWellFormed } = require('./values')
 const { NativeGossiper, optionSpecs, otherOptionNames } = loadNative()
 
 function loadNative() {
@@ -110,13 +110,24 @@ function isAdvertise(value) {
   return ipOk && port >= 1 && port <= 65535
 }
 
-function checkKey(key, name = 'key') {
-  if (typeof key !== 'string') throw typeError(`The "${name}" argument must be a string. Received ${describe(key)}`)
-  if (key.length === 0) throw typeError(`The "${name}" argument must not be empty`, 'ERR_INVALID_ARG_VALUE')
+// maxBytes (for keys being written) is checked on the length first, so that a huge string is
+// refused without a pass over it: every UTF-16 unit takes at least one byte of UTF-8.
+function checkKey(key, maxBytes = undefined) {
+  if (typeof key !== 'string') throw typeError(`The "key" argument must be a string. Received ${describe(key)}`)
+  if (key.length === 0) throw typeError('The "key" argument must not be empty', 'ERR_INVALID_ARG_VALUE')
+  if (maxBytes !== undefined && key.length > maxBytes) throw keyTooLong(maxBytes)
+  // A lone surrogate would reach the engine as U+FFFD, making 'x\uD800' and 'x\uDC00' one key.
+  checkWellFormed(key, 'key')
+  if (maxBytes !== undefined && Buffer.byteLength(key) > maxBytes) throw keyTooLong(maxBytes)
+}
+
+function keyTooLong(maxBytes) {
+  return rangeError(`The "key" argument must be at most ${maxBytes} bytes (the maxKeyBytes option)`)
 }
 
 function checkPeer(peer) {
   if (typeof peer !== 'string') throw typeError(`The "peer" argument must be a string. Received ${describe(peer)}`)
+  checkWellFormed(peer, 'peer')
 }
 
 function checkCallback(callback) {
@@ -247,14 +258,10 @@ class Gossiper extends EventEmitter {
   }
 
   setLocalState(key, value) {
-    checkKey(key)
-    if (Buffer.byteLength(key) > this._options.maxKeyBytes) {
-      throw rangeError(`The "key" argument must be at most ${this._options.maxKeyBytes} bytes (the maxKeyBytes option)`)
-    }
-    const encoded = encodeValue(value, 'value')
-    if (encoded.length > this._options.maxValueBytes) {
-      throw rangeError(`The "value" argument encodes to ${encoded.length} bytes, over the maxValueBytes option (${this._options.maxValueBytes})`)
-    }
+    const { maxKeyBytes, maxValueBytes } = this._options
+    checkKey(key, maxKeyBytes)
+    // Stops, with a RangeError, as soon as the encoding would pass maxValueBytes.
+    const encoded = encodeValue(value, 'value', maxValueBytes, 'maxValueBytes')
     this._native.setLocalState(key, encoded)
   }
 

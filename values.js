@@ -3,26 +3,190 @@
 // MessagePack codec for the values that cross between JS and the Rust engine.
 // Format reference: https://github.com/msgpack/msgpack/blob/master/spec.md
 
+const { types } = require('node:util')
+const { constants: bufferConstants } = require('node:buffer')
+
 const MAX_DEPTH = 512
 const TWO_32 = 0x100000000
+// msgpack lengths are 32-bit; a Buffer cannot be larger than MAX_LENGTH either.
+const MAX_BYTES = Math.min(bufferConstants.MAX_LENGTH, TWO_32 - 1)
+
+// What an object may be, said in every refusal of one.
+const CARRIED = 'values carry only plain objects, arrays, Buffers/Uint8Arrays and objects with a toJSON() method'
+
+// A string with a lone surrogate cannot be written as UTF-8: it would come back with U+FFFD in
+// its place. Node >= 20 has String.prototype.isWellFormed (and answers at once for one-byte
+// strings); the fallback looks for the first lone surrogate.
+const isWellFormed = typeof String.prototype.isWellFormed === 'function'
+  ? (s) => s.isWellFormed()
+  : (s) => loneSurrogateAt(s) === -1
+
+function loneSurrogateAt(s) {
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i)
+    if (c < 0xd800 || c > 0xdfff) continue
+    if (c <= 0xdbff && i + 1 < s.length) {
+      const d = s.charCodeAt(i + 1)
+      if (d >= 0xdc00 && d <= 0xdfff) {
+        i++
+        continue
+      }
+    }
+    return i
+  }
+  return -1
+}
+
+// Where a refused string's first lone surrogate is, for the message.
+function loneSurrogateText(s) {
+  const at = loneSurrogateAt(s)
+  return `a lone surrogate (U+${s.charCodeAt(at).toString(16).toUpperCase()} at index ${at}), which UTF-8 cannot carry`
+}
+
+/** Throws a TypeError (ERR_INVALID_ARG_VALUE) naming argName if s is not well-formed UTF-16. */
+function checkWellFormed(s, argName) {
+  if (isWellFormed(s)) return
+  throw withCode(new TypeError(`The "${argName}" argument must not contain ${loneSurrogateText(s)}`), 'ERR_INVALID_ARG_VALUE')
+}
+
+function withCode(error, code) {
+  error.code = code
+  return error
+}
+
+// A part of the value that cannot be carried exactly. It climbs the encoder's frames, each adding
+// the index or key it was at, and encodeValue turns it into an error naming that path.
+class Refusal {
+  constructor(ErrorType, code, text) {
+    this.ErrorType = ErrorType
+    this.code = code
+    this.text = text
+    // Innermost first.
+    this.segments = []
+    // Set when an object's key was refused: the path ends at that object.
+    this.atKey = false
+  }
+
+  toError(argName) {
+    let path = argName
+    for (let i = this.segments.length - 1; i >= 0; i--) path += segment(this.segments[i])
+    return withCode(new this.ErrorType(`The "${path}" argument ${this.text}`), this.code)
+  }
+}
+
+function within(error, at) {
+  if (error instanceof Refusal) {
+    if (error.atKey) error.atKey = false
+    else error.segments.push(at)
+  }
+  return error
+}
+
+const IDENTIFIER = /^[A-Za-z_$][\w$]*$/
+
+function segment(at) {
+  if (typeof at === 'number') return `[${at}]`
+  if (at.length <= 40 && IDENTIFIER.test(at)) return `.${at}`
+  return `[${JSON.stringify(shorten(at))}]`
+}
+
+function shorten(s) {
+  return s.length > 40 ? s.slice(0, 40) + '...' : s
+}
+
+function refuseString(s, isKey) {
+  const text = isKey
+    ? `must not have a key (${JSON.stringify(shorten(s))}) that contains ${loneSurrogateText(s)}`
+    : `must not contain ${loneSurrogateText(s)}`
+  const refusal = new Refusal(TypeError, 'ERR_INVALID_ARG_VALUE', text)
+  refusal.atKey = isKey === true
+  return refusal
+}
+
+function refuseType(what) {
+  return new Refusal(TypeError, 'ERR_INVALID_ARG_TYPE', `must not be ${what}`)
+}
+
+function article(name) {
+  return /^[AEIO]/i.test(name) ? `an ${name}` : `a ${name}`
+}
+
+function constructorName(o) {
+  try {
+    const name = Object.getPrototypeOf(o)?.constructor?.name
+    if (typeof name === 'string' && name !== '') return name
+  } catch {}
+  return undefined
+}
+
+// Says what a non-plain object is, for the error refusing it.
+function refuseObject(o) {
+  const name = constructorName(o)
+  let what
+  let hint = CARRIED
+  if (types.isBoxedPrimitive(o)) {
+    what = `a boxed ${name ?? 'primitive'}`
+    hint = 'pass the primitive itself'
+  } else if (types.isMap(o)) what = 'a Map'
+  else if (types.isSet(o)) what = 'a Set'
+  else if (types.isWeakMap(o)) what = 'a WeakMap'
+  else if (types.isWeakSet(o)) what = 'a WeakSet'
+  else if (types.isArrayBufferView(o)) {
+    what = article(types.isDataView(o) ? 'DataView' : Object.prototype.toString.call(o).slice(8, -1))
+    hint = 'of the typed arrays only Uint8Array and Buffer are carried'
+  } else if (types.isAnyArrayBuffer(o)) {
+    what = article(types.isSharedArrayBuffer(o) ? 'SharedArrayBuffer' : 'ArrayBuffer')
+    hint = 'wrap it in a Uint8Array to send its bytes'
+  } else if (name !== undefined) what = `an instance of ${name}`
+  else what = 'an object whose prototype is neither Object.prototype nor null'
+  return refuseType(`${what} (${hint})`)
+}
+
+// Whether proto is Object.prototype, possibly another realm's (a vm context's).
+function isObjectPrototype(proto) {
+  if (Object.getPrototypeOf(proto) !== null || !Object.hasOwn(proto, 'constructor')) return false
+  const ctor = proto.constructor
+  return typeof ctor === 'function' && ctor.prototype === proto && ctor.name === 'Object'
+}
 
 // Encoder state lives in one object per encodeValue call, because a user's
 // toJSON() may itself call encodeValue while we are in the middle of encoding.
 class Writer {
-  constructor(argName) {
+  constructor(argName, maxBytes, limitName) {
     this.argName = argName
-    this.buf = Buffer.allocUnsafe(256)
+    this.maxBytes = maxBytes
+    this.limitName = limitName
+    this.buf = Buffer.allocUnsafe(Math.min(256, maxBytes))
     this.pos = 0
     // Only the objects on the current path: a sub-object shared by two
     // branches is fine, meeting an ancestor again is a cycle.
     this.path = new Set()
   }
 
+  // The buffer never grows past maxBytes, so the fast path needs no budget check.
   reserve(n) {
     if (this.pos + n <= this.buf.length) return
-    const grown = Buffer.allocUnsafe(Math.max(this.buf.length * 2, this.pos + n))
+    this.grow(n)
+  }
+
+  grow(n) {
+    const needed = this.pos + n
+    if (needed > this.maxBytes) throw this.overBudget()
+    const grown = Buffer.allocUnsafe(Math.min(Math.max(this.buf.length * 2, needed), this.maxBytes))
     this.buf.copy(grown, 0, 0, this.pos)
     this.buf = grown
+  }
+
+  // Thrown as soon as the output would pass maxBytes, or an input's size alone shows it will.
+  overBudget() {
+    const option = this.limitName === undefined ? '' : ` (the ${this.limitName} option)`
+    const text = `The "${this.argName}" argument must encode to at most ${this.maxBytes} bytes of MessagePack${option}`
+    return withCode(new RangeError(text), 'ERR_OUT_OF_RANGE')
+  }
+
+  // Bytes left under the budget.
+  room() {
+    return this.maxBytes - this.pos
   }
 
   byte(b) {
@@ -83,10 +247,6 @@ class Writer {
     else this.tag32(t32, len)
   }
 
-  fail(what) {
-    throw new TypeError(`The "${this.argName}" argument must not contain ${what}`)
-  }
-
   // jsonDone mirrors JSON.stringify: toJSON() is applied once, not to its own result.
   write(v, jsonDone = false) {
     switch (typeof v) {
@@ -94,26 +254,41 @@ class Writer {
       case 'number': return this.number(v)
       case 'boolean': return this.byte(v ? 0xc3 : 0xc2)
       case 'undefined': return this.byte(0xc0)
-      case 'function': return this.fail('a function')
-      case 'symbol': return this.fail('a symbol')
-      case 'bigint': return this.fail('a BigInt')
+      case 'function': throw refuseType('a function')
+      case 'symbol': throw refuseType('a symbol')
+      case 'bigint': throw refuseType('a BigInt')
     }
     if (v === null) return this.byte(0xc0)
     // Checked before toJSON because Buffer has a toJSON we do not want.
     if (v instanceof Uint8Array) return this.binary(v)
-    if (!jsonDone && typeof v.toJSON === 'function') return this.write(v.toJSON(), true)
-    this.enter(v)
-    if (Array.isArray(v)) this.array(v)
-    else this.map(v)
+    if (!jsonDone && typeof v.toJSON === 'function') {
+      // A Buffer from another realm (a vm context) fails instanceof above.
+      if (types.isUint8Array(v)) return this.binary(v)
+      return this.write(v.toJSON(), true)
+    }
+    if (Array.isArray(v)) {
+      this.enter(v)
+      this.array(v)
+    } else {
+      // Only plain objects: anything else (Map, Set, typed arrays, boxed primitives, class
+      // instances...) would arrive as a plain object and lose what it was.
+      const proto = Object.getPrototypeOf(v)
+      if (proto !== Object.prototype && proto !== null && !isObjectPrototype(proto)) {
+        if (types.isUint8Array(v)) return this.binary(v)
+        throw refuseObject(v)
+      }
+      this.enter(v)
+      this.map(v)
+    }
     this.path.delete(v)
   }
 
   enter(o) {
     if (this.path.has(o)) {
-      throw new TypeError(`The "${this.argName}" argument must not be cyclic`)
+      throw withCode(new TypeError(`The "${this.argName}" argument must not be cyclic`), 'ERR_INVALID_ARG_VALUE')
     }
     if (this.path.size >= MAX_DEPTH) {
-      throw new RangeError(`The "${this.argName}" argument is nested deeper than ${MAX_DEPTH} levels`)
+      throw withCode(new RangeError(`The "${this.argName}" argument is nested deeper than ${MAX_DEPTH} levels`), 'ERR_OUT_OF_RANGE')
     }
     this.path.add(o)
   }
@@ -140,7 +315,8 @@ class Writer {
     }
   }
 
-  string(s) {
+  // isKey: s is an object's key, which the path names differently when refused.
+  string(s, isKey) {
     const n = s.length
     if (n < 32) {
       // Keys and small values are mostly short ASCII: copying char codes
@@ -159,6 +335,13 @@ class Writer {
         return
       }
     }
+    this.text(s, isKey)
+  }
+
+  text(s, isKey) {
+    // Every UTF-16 unit takes at least one byte of UTF-8.
+    if (s.length > this.room()) throw this.overBudget()
+    if (!isWellFormed(s)) throw refuseString(s, isKey)
     const len = Buffer.byteLength(s)
     this.header(len, 0xa0, 32, 0xd9, 0xda, 0xdb)
     this.reserve(len)
@@ -175,29 +358,50 @@ class Writer {
 
   array(a) {
     const n = a.length
+    // Every item takes at least one byte.
+    if (n > this.room()) throw this.overBudget()
     this.header(n, 0x90, 16, 0, 0xdc, 0xdd)
-    for (let i = 0; i < n; i++) this.write(a[i])
+    let i = 0
+    try {
+      for (; i < n; i++) this.write(a[i])
+    } catch (error) {
+      throw within(error, i)
+    }
   }
 
-  // Any non-array object is encoded like JSON would: its own enumerable string
+  // Any plain object is encoded like JSON would: its own enumerable string
   // keys. Properties holding undefined are kept and encoded as nil, so the
   // decoded object has the key with value null.
   map(o) {
     const keys = Object.keys(o)
     const n = keys.length
+    // Every entry takes at least two bytes.
+    if (n > this.room() / 2) throw this.overBudget()
     this.header(n, 0x80, 16, 0, 0xde, 0xdf)
-    for (let i = 0; i < n; i++) {
-      this.string(keys[i])
-      this.write(o[keys[i]])
+    let i = 0
+    try {
+      for (; i < n; i++) {
+        const key = keys[i]
+        this.string(key, true)
+        this.write(o[key])
+      }
+    } catch (error) {
+      throw within(error, keys[i])
     }
   }
 }
 
-// argName only labels error messages. The result may be a view into a larger
-// private allocation; nothing else holds a reference to it.
-function encodeValue(value, argName = 'value') {
-  const w = new Writer(argName)
-  w.write(value)
+// argName only labels error messages. The encoding stops with a RangeError (code
+// ERR_OUT_OF_RANGE) as soon as it would pass maxBytes; limitName, if given, is the option the
+// message names as that limit. The result may be a view into a larger private allocation;
+// nothing else holds a reference to it.
+function encodeValue(value, argName = 'value', maxBytes = MAX_BYTES, limitName = undefined) {
+  const w = new Writer(argName, maxBytes, limitName)
+  try {
+    w.write(value)
+  } catch (error) {
+    throw error instanceof Refusal ? error.toError(argName) : error
+  }
   return w.buf.subarray(0, w.pos)
 }
 
@@ -375,4 +579,4 @@ function decodeValue(buf, offset = 0) {
   return new Decoder(buf, offset).next()
 }
 
-module.exports = { encodeValue, decodeValue, Decoder }
+module.exports = { encodeValue, decodeValue, Decoder, checkWellFormed }

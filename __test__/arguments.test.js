@@ -74,10 +74,12 @@ test('setLocalState: a bad key or an unencodable value is a TypeError naming it'
   assert.throws(() => g.setLocalState('k', () => 1), typeError(/"value".*function/))
   assert.throws(() => g.setLocalState('k', Symbol('v')), typeError(/"value".*symbol/))
   assert.throws(() => g.setLocalState('k', 10n), typeError(/"value".*BigInt/))
-  assert.throws(() => g.setLocalState('k', { nested: [1, { fn() {} }] }), typeError(/"value".*function/))
+  assert.throws(() => g.setLocalState('k', { nested: [1, { fn() {} }] }), {
+    ...typeError('The "value.nested[1].fn" argument must not be a function'), code: 'ERR_INVALID_ARG_TYPE',
+  })
   const cyclic = { name: 'loop' }
   cyclic.self = { parent: cyclic }
-  assert.throws(() => g.setLocalState('k', cyclic), typeError(/"value".*cyclic/))
+  assert.throws(() => g.setLocalState('k', cyclic), { ...typeError(/"value".*cyclic/), code: 'ERR_INVALID_ARG_VALUE' })
   const cyclicArray = [1]
   cyclicArray.push(cyclicArray)
   assert.throws(() => g.setLocalState('k', cyclicArray), typeError(/"value".*cyclic/))
@@ -97,6 +99,68 @@ test('setLocalState: a value over maxValueBytes or a key over maxKeyBytes is a R
   // At the limits exactly, the writes are accepted.
   g.setLocalState('k'.repeat(8), 'x'.repeat(62))
   assert.equal(g.getLocalState('k'.repeat(8)), 'x'.repeat(62))
+})
+
+test('setLocalState: values that would not arrive as they are are a TypeError naming the path', () => {
+  const g = new Gossiper({ ...FAST, port: 0 })
+  const refusedType = (path, what) => ({ ...typeError(new RegExp(`^The "${path}" argument must not be ${what} \\(`)), code: 'ERR_INVALID_ARG_TYPE' })
+  assert.throws(() => g.setLocalState('k', { items: [1, 2, 3, new Map()] }), refusedType('value\\.items\\[3\\]', 'a Map'))
+  assert.throws(() => g.setLocalState('k', new Set([1])), refusedType('value', 'a Set'))
+  assert.throws(() => g.setLocalState('k', { samples: new Float64Array(4) }), refusedType('value\\.samples', 'a Float64Array'))
+  assert.throws(() => g.setLocalState('k', [new Uint16Array(1)]), refusedType('value\\[0\\]', 'a Uint16Array'))
+  assert.throws(() => g.setLocalState('k', { raw: new ArrayBuffer(8) }), refusedType('value\\.raw', 'an ArrayBuffer'))
+  assert.throws(() => g.setLocalState('k', { view: new DataView(new ArrayBuffer(8)) }), refusedType('value\\.view', 'a DataView'))
+  assert.throws(() => g.setLocalState('k', { name: new String('a') }), refusedType('value\\.name', 'a boxed String'))
+  assert.throws(() => g.setLocalState('k', [[new Number(1)]]), refusedType('value\\[0\\]\\[0\\]', 'a boxed Number'))
+  assert.throws(() => g.setLocalState('k', { 'on/off': new Boolean(true) }), refusedType('value\\["on/off"\\]', 'a boxed Boolean'))
+  assert.throws(() => g.setLocalState('k', { cause: new Error('boom') }), refusedType('value\\.cause', 'an instance of Error'))
+  // Strings with lone surrogates, as values or as keys inside values.
+  const badString = (path) => ({ ...typeError(new RegExp(`^The "${path}" argument must not (contain|have a key .*) a lone surrogate`)), code: 'ERR_INVALID_ARG_VALUE' })
+  assert.throws(() => g.setLocalState('k', 'x\uD800'), badString('value'))
+  assert.throws(() => g.setLocalState('k', { list: ['ok', 'x\uDC00'] }), badString('value\\.list\\[1\\]'))
+  assert.throws(() => g.setLocalState('k', { list: [{ 'x\uD800': 1 }] }), badString('value\\.list\\[0\\]'))
+  assert.equal(g.getLocalState('k'), undefined, 'nothing was stored')
+  // What is carried still is: plain and null-prototype objects, Buffers, Dates through toJSON.
+  const value = { bare: Object.assign(Object.create(null), { x: 1 }), bytes: Buffer.from([1]), when: new Date(0) }
+  g.setLocalState('k', value)
+  assert.deepEqual(g.getLocalState('k'), { bare: { x: 1 }, bytes: Buffer.from([1]), when: '1970-01-01T00:00:00.000Z' })
+})
+
+test('setLocalState: a huge value or key is refused by its size before it is encoded', () => {
+  const g = new Gossiper({ ...FAST, port: 0 })
+  const overValue = { ...rangeError('The "value" argument must encode to at most 262144 bytes of MessagePack (the maxValueBytes option)'), code: 'ERR_OUT_OF_RANGE' }
+  // The issue's example: this used to encode 300 MB of nils before the size was checked.
+  assert.throws(() => g.setLocalState('k', new Array(3e8)), overValue)
+  assert.throws(() => g.setLocalState('k', { nested: [new Array(3e8)] }), overValue)
+  assert.throws(() => g.setLocalState('k', 'x'.repeat(1e7)), overValue)
+  assert.throws(() => g.setLocalState('k', Buffer.alloc(1e7)), overValue)
+  // A value passes the limit part-way: refused all the same.
+  assert.throws(() => g.setLocalState('k', Array(1000).fill('x'.repeat(300))), overValue)
+  const overKey = { ...rangeError('The "key" argument must be at most 1024 bytes (the maxKeyBytes option)'), code: 'ERR_OUT_OF_RANGE' }
+  assert.throws(() => g.setLocalState('k'.repeat(1e7), 1), overKey)
+  assert.throws(() => g.setLocalState('\uD800'.repeat(2000), 1), overKey, 'the length is checked before the content')
+  assert.throws(() => g.setLocalState('€'.repeat(342), 1), overKey, '1026 bytes of UTF-8')
+  assert.equal(g.getLocalState('k'), undefined)
+  g.setLocalState('€'.repeat(341), 'x'.repeat(262144 - 5))
+  assert.equal(g.getLocalState('€'.repeat(341)).length, 262144 - 5)
+})
+
+test('keys and peer names with a lone surrogate are refused, not merged into U+FFFD', () => {
+  const g = new Gossiper({ ...FAST, port: 0 })
+  const bad = (name) => ({ ...typeError(new RegExp(`^The "${name}" argument must not contain a lone surrogate \\(U\\+D[89A-F][0-9A-F]{2} at index \\d+\\)`)), code: 'ERR_INVALID_ARG_VALUE' })
+  g.setLocalState('x\uFFFD', 'replacement')
+  for (const key of ['x\uD800', 'x\uDC00', '\uDC00\uD800', 'é'.repeat(40) + '\uDBFF']) {
+    assert.throws(() => g.setLocalState(key, 1), bad('key'), JSON.stringify(key))
+    assert.throws(() => g.getLocalState(key), bad('key'), JSON.stringify(key))
+    assert.throws(() => g.peerValue('127.0.0.1:1', key), bad('key'), JSON.stringify(key))
+  }
+  assert.equal(g.getLocalState('x\uFFFD'), 'replacement', 'the real U+FFFD key is untouched')
+  // Surrogate pairs are fine.
+  g.setLocalState('x😀', 'pair')
+  assert.equal(g.getLocalState('x😀'), 'pair')
+  assert.throws(() => g.peerValue('127.0.0.1:1\uD800', 'k'), bad('peer'))
+  assert.throws(() => g.peerKeys('\uDC00127.0.0.1:1'), bad('peer'))
+  assert.deepEqual(g.peerKeys('127.0.0.1:1\uFFFD'), [])
 })
 
 test('peer arguments of the readers must be strings', () => {

@@ -81,6 +81,8 @@ describe('values round-trip between two live nodes', () => {
       weight: 0.75,
     })
     await assertRoundTrips(Object.fromEntries(Array.from({ length: 100 }, (_, i) => [`k${i}`, i])))
+    // A null-prototype object arrives as a plain one.
+    await assertRoundTrips(Object.assign(Object.create(null), { a: 1, b: 'two' }), { a: 1, b: 'two' })
     const proto = await send(JSON.parse('{"__proto__": {"polluted": true}, "x": 1}'))
     assert.equal(Object.getPrototypeOf(proto.fromEvent), Object.prototype)
     assert.ok(Object.hasOwn(proto.fromEvent, '__proto__'))
