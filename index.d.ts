@@ -51,11 +51,19 @@ export interface GossiperOptions {
   /** Peers to contact first, as `"host:port"` or `"[ipv6]:port"`; hosts are resolved on each contact. Default `[]`. */
   seeds?: readonly string[]
   /**
-   * IP address to listen on and to advertise as this node's name. Default: listen on all
-   * interfaces and advertise the local address that routes to the first seed (`127.0.0.1` when
-   * there is none, or when that seed is a loopback address).
+   * IP address to listen on. A specific IP is also advertised as this node's name. Without it,
+   * or with `'0.0.0.0'` / `'::'`, the node listens on every interface and advertises (unless
+   * `advertise` is given): the local address that routes to the seeds, every address they
+   * resolve to considered, non-loopback seeds first (a loopback seed gives `127.0.0.1`: a
+   * one-host cluster); with no seed that resolves, the host's first non-loopback address (IPv4
+   * first, private ranges first); loopback only when the host has nothing else.
    */
   address?: string
+  /**
+   * The address other nodes reach this one at, when it differs from the one it listens on (NAT,
+   * port mapping, containers): `"ip:port"`, `"[ipv6]:port"`, or an IP (then the port listened on).
+   */
+  advertise?: string
   /** Nodes drop every message from a cluster with another name. At most 255 bytes. Default `'gossiper'`. */
   clusterName?: string
   /** Milliseconds between gossip rounds (and heartbeats). Default 1000. */
@@ -72,14 +80,16 @@ export interface GossiperOptions {
   pushFanout?: number
   /** Milliseconds allowed for an outgoing connection (and for announcing a stop). Default 2000. */
   connectTimeout?: number
-  /** Milliseconds a connection may wait for its next message before it is closed. Default 5000. */
+  /** Milliseconds a connection may wait for its next message, and a send may take, before it is closed. Default 5000. */
   idleTimeout?: number
   /** Largest frame sent or accepted, in bytes. Default 4194304 (4 MiB). */
   maxFrameBytes?: number
   /** Largest key, in UTF-8 bytes; `setLocalState` refuses a longer one with a RangeError. Default 1024. */
   maxKeyBytes?: number
   /**
-   * Largest value, in encoded (MessagePack) bytes. Default 262144 (256 KiB). `setLocalState`
+   * Largest value, in encoded (MessagePack) bytes. Default 262144 (256 KiB). With `maxKeyBytes`
+   * it must fit in one frame (about `maxFrameBytes` less 64 KiB), else the constructor throws a
+   * RangeError. `setLocalState`
    * stops encoding as soon as the value would pass it and throws a RangeError
    * (`ERR_OUT_OF_RANGE`).
    */
@@ -91,9 +101,10 @@ export interface GossiperOptions {
 }
 
 /** Options with the defaults filled in, as `gossiper.options` returns them. */
-export type ResolvedGossiperOptions = Readonly<Required<Omit<GossiperOptions, 'seeds' | 'address'>>> & {
+export type ResolvedGossiperOptions = Readonly<Required<Omit<GossiperOptions, 'seeds' | 'address' | 'advertise'>>> & {
   readonly seeds: readonly string[]
   readonly address: string | undefined
+  readonly advertise: string | undefined
 }
 
 /** What one node knows of one peer, for monitoring. */
@@ -147,8 +158,12 @@ export interface GossiperStats {
   pushesSent: number
   /** Outgoing connections that failed or timed out. */
   connectFailures: number
+  /** Messages whose send failed or took longer than `idleTimeout`. */
+  sendFailures: number
   /** Inbound connections refused because `maxInboundConnections` were open. */
   connectionsRefused: number
+  /** Seed host names that resolved to nothing when contacted; they are tried again in later rounds. */
+  seedResolveFailures: number
   /** Frames dropped, by reason. */
   rejected: Record<RejectionReason, number>
 }
@@ -166,18 +181,28 @@ export declare class Gossiper extends EventEmitter {
   constructor(port: number, seeds?: readonly string[], ip_to_bind?: string)
   constructor(options?: GossiperOptions)
 
-  /** This node's own name, `"ip:port"`; set by `start()`, undefined before the first start. */
+  /**
+   * This node's own name, `"ip:port"` (see the `address` option for how it is chosen); set when
+   * `start()` returns, or, when seeds given as host names must be looked up first, by the time
+   * its promise resolves. Undefined before the first start.
+   */
   readonly peer_name: string | undefined
   /** The options in force, defaults filled in. */
   readonly options: ResolvedGossiperOptions
 
   /**
-   * Listens, then gossips every `gossipInterval`. Resolves, and calls back, once listening;
-   * `peer_name` is set by then. Rejects with an error whose `code` is e.g. `'EADDRINUSE'`.
-   * Throws (code `'ERR_GOSSIP_RUNNING'`) if already started. May be called again after `stop()`.
+   * Listens, then gossips every `gossipInterval`. Resolves, and calls back, once listening and
+   * named (`peer_name`). Rejects with an error whose `code` is e.g. `'EADDRINUSE'`. Throws (code
+   * `'ERR_GOSSIP_RUNNING'`) when the calls so far leave it started. Calls to `start()` and
+   * `stop()` take effect in call order: a `start()` made while a stop is under way runs once
+   * that stop has finished, so `start(); stop(); start()` always ends started.
    */
   start(callback?: GossiperCallback): Promise<void>
-  /** Announces the departure to peers, stops listening and gossiping; local state is kept. */
+  /**
+   * Announces the departure to peers, stops listening and gossiping; local state is kept.
+   * Resolves once every task has ended and the port is free; every call made meanwhile resolves
+   * then too. No event is emitted after it resolves, until the next `start()`.
+   */
   stop(callback?: GossiperCallback): Promise<void>
   /** Lets the process exit while this gossiper runs, as `server.unref()` does. */
   unref(): this
@@ -243,9 +268,10 @@ export declare class Gossiper extends EventEmitter {
 }
 
 /** The defaults of every option (see `GossiperOptions`). */
-export declare const DEFAULTS: Readonly<Required<Omit<GossiperOptions, 'seeds' | 'address'>>> & {
+export declare const DEFAULTS: Readonly<Required<Omit<GossiperOptions, 'seeds' | 'address' | 'advertise'>>> & {
   readonly seeds: readonly string[]
   readonly address: undefined
+  readonly advertise: undefined
 }
 
 interface GossiperModule {

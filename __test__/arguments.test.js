@@ -5,7 +5,7 @@
 const { test } = require('node:test')
 const assert = require('node:assert/strict')
 const { Gossiper } = require('..')
-const { FAST, stopAll } = require('./helpers')
+const { FAST, stopAll, waitForMembership } = require('./helpers')
 
 const typeError = (message) => ({ name: 'TypeError', message })
 const rangeError = (message) => ({ name: 'RangeError', message })
@@ -252,5 +252,72 @@ test('start() with a non-function callback throws and leaves the gossiper stoppe
     await g.start()
   } finally {
     await stopAll([g])
+  }
+})
+
+test('unknown option names are refused, naming the option', () => {
+  assert.throws(() => new Gossiper({ gossipIntervall: 100 }), { ...typeError(/"gossipIntervall"/), code: 'ERR_INVALID_ARG_VALUE' })
+  assert.throws(() => new Gossiper({ port: 0, ip_to_bind: '127.0.0.1' }), typeError(/"ip_to_bind"/))
+})
+
+test('a maxValueBytes that one frame could not carry is a RangeError', () => {
+  assert.throws(() => new Gossiper({ maxFrameBytes: 65536, maxValueBytes: 65536 }), { ...rangeError(/"maxValueBytes"/), code: 'ERR_OUT_OF_RANGE' })
+  new Gossiper({ maxFrameBytes: 1 << 20, maxValueBytes: 512 << 10 })
+})
+
+test('the native class checks its options itself: typed errors with codes, never a crash', () => {
+  const { NativeGossiper } = require('../gossiper.node')
+  const build = (options) => new NativeGossiper(options, () => {})
+  const cases = [
+    [{ gossipInterval: Infinity }, 'RangeError', 'ERR_OUT_OF_RANGE'],
+    [{ gossipInterval: 0 }, 'RangeError', 'ERR_OUT_OF_RANGE'],
+    [{ connectTimeout: NaN }, 'TypeError', 'ERR_INVALID_ARG_TYPE'],
+    [{ idleTimeout: -1 }, 'RangeError', 'ERR_OUT_OF_RANGE'],
+    [{ port: 70000 }, 'RangeError', 'ERR_OUT_OF_RANGE'],
+    [{ port: 1.5 }, 'RangeError', 'ERR_OUT_OF_RANGE'],
+    [{ maxFrameBytes: 2048, maxValueBytes: 4096 }, 'RangeError', 'ERR_OUT_OF_RANGE'],
+    [{ gossipInterval: 'fast' }, 'TypeError', 'ERR_INVALID_ARG_TYPE'],
+    [{ seeds: ['nope'] }, 'TypeError', 'ERR_INVALID_ARG_VALUE'],
+    [{ seeds: 'a:1' }, 'TypeError', 'ERR_INVALID_ARG_TYPE'],
+    [{ address: 'localhost' }, 'TypeError', 'ERR_INVALID_ARG_VALUE'],
+    [{ advertise: '10.0.0.1:0' }, 'TypeError', 'ERR_INVALID_ARG_VALUE'],
+    [{ clusterName: '' }, 'TypeError', 'ERR_INVALID_ARG_VALUE'],
+    [{ surprise: 1 }, 'TypeError', 'ERR_INVALID_ARG_VALUE'],
+  ]
+  for (const [options, name, code] of cases) {
+    assert.throws(() => build(options), { name, code }, JSON.stringify(options))
+  }
+  build({ port: 0, gossipInterval: 50 })
+})
+
+test('advertise names the node for others; 0.0.0.0 and :: listen everywhere and are never a name', async () => {
+  const advertised = new Gossiper({ port: 0, address: '127.0.0.1', advertise: '203.0.113.7:17946', gossipInterval: 50 })
+  const anyV4 = new Gossiper({ port: 0, address: '0.0.0.0', seeds: ['127.0.0.1:1'], gossipInterval: 50 })
+  const anyV6 = new Gossiper({ port: 0, address: '::', seeds: ['127.0.0.1:1'], gossipInterval: 50 })
+  try {
+    await advertised.start()
+    assert.equal(advertised.peer_name, '203.0.113.7:17946')
+    await anyV4.start()
+    await anyV6.start()
+    // Seeds on loopback: a one-host cluster, named on loopback, reachable there.
+    assert.match(anyV4.peer_name, /^127\.0\.0\.1:\d+$/)
+    assert.match(anyV6.peer_name, /^127\.0\.0\.1:\d+$/)
+    assert.throws(() => new Gossiper({ advertise: 'host.example:80' }), { ...typeError(/"advertise"/), code: 'ERR_INVALID_ARG_VALUE' })
+  } finally {
+    await stopAll([advertised, anyV4, anyV6])
+  }
+})
+
+test('a seed given as a host name is resolved; the node is named once start() resolves', async () => {
+  const seed = new Gossiper({ port: 0, address: '127.0.0.1', gossipInterval: 50 })
+  await seed.start()
+  const port = seed.peer_name.split(':')[1]
+  const g = new Gossiper({ port: 0, seeds: [`localhost:${port}`], gossipInterval: 50 })
+  try {
+    await g.start()
+    assert.match(g.peer_name, /^(127\.0\.0\.1|\[::1\]):\d+$/)
+    await waitForMembership([seed, g])
+  } finally {
+    await stopAll([seed, g])
   }
 })

@@ -64,7 +64,7 @@ pub fn choose_advertised_ip(
     let mut candidates: Vec<IpAddr> = host_addresses
         .iter()
         .copied()
-        .filter(|ip| usable(ip))
+        .filter(usable)
         .collect();
     // IPv4 first (what most clusters route), private ranges first within a family; among
     // equals the host's interface order is kept (the sort is stable).

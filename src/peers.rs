@@ -103,6 +103,8 @@ impl PeerTable {
         self.slots.len()
     }
 }
+
+/// Every known node, ourselves included, as (name, generation) sorted by name, with a hash that
 /// two nodes compare to know they can refer to nodes by position.
 #[derive(Debug)]
 pub struct Membership {
@@ -148,8 +150,6 @@ impl Membership {
         }
     }
 }
-
-/// A conviction as it is announced to other nodes.
 
 #[cfg(test)]
 mod tests {

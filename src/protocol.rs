@@ -52,7 +52,7 @@ pub enum Target {
     Seed(String),
 }
 
-/// Every known node, ourselves included, as (name, generation) sorted by name, with a hash that
+/// A conviction as it is announced to other nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Suspicion {
     pub name: String,
