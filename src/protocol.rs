@@ -12,10 +12,16 @@
 //! Invariant: for every known node, `max_version` is a version up to which this node holds every
 //! key's latest value. Deltas are accepted only when they start at or below it, so a gap can
 //! never be papered over.
+//!
+//! Nothing from the network is believed beyond what time allows (see [`Plausible`]), and nothing
+//! about ourselves is believed at all: a claim about this node that it did not make (a higher
+//! generation, or in its own generation a higher heartbeat or version, `left`, or keys it never
+//! wrote) is beaten by a new incarnation above it, at most one per round (see `refute`). Its true
+//! state then replaces the claim everywhere, as after a restart.
 
 use crate::config::Settings;
 use crate::detector::{DetectorConfig, PhiDetector};
-use crate::peers::{Member, Membership, Peer, PeerTable, Slot};
+use crate::peers::{FnvBuild, Member, Membership, Name, Peer, PeerTable, Slot};
 use crate::store::NodeState;
 use crate::wire::{DigestEntry, NodeDelta, Request};
 use bytes::Bytes;
@@ -23,7 +29,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 /// What the engine tells its owner, in the order it happened.
@@ -66,6 +72,49 @@ const CORROBORATION: f64 = 0.75;
 /// How many of a failure's observers announce it, on average.
 const ANNOUNCERS: f64 = 32.0;
 
+/// Heartbeats a node can honestly add per millisecond of its generation: one per gossip round,
+/// and no round is shorter than 1 ms.
+const BEATS_PER_MS: u64 = 1;
+
+/// Versions a node can honestly add per millisecond: ten writes a microsecond, several times
+/// more than `setLocalState` can make.
+const WRITES_PER_MS: u64 = 10_000;
+
+/// Milliseconds since the Unix epoch by the system clock: what generations count.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What another node's counters can have reached by now. A generation is its node's clock at
+/// start, so it may be at most `skew_ms` ahead of ours; heartbeats and versions grow at most
+/// [`BEATS_PER_MS`] and [`WRITES_PER_MS`] from then, counted from twice the skew earlier (clocks
+/// differ both ways, and a refutation may start a generation ahead of its own clock).
+#[derive(Clone, Copy, Debug)]
+struct Plausible {
+    now_ms: u64,
+    skew_ms: u64,
+}
+
+impl Plausible {
+    fn admits(self, generation: u64, heartbeat: u64, max_version: u64) -> bool {
+        let allowance_ms = (self.now_ms + 2 * self.skew_ms).saturating_sub(generation);
+        generation <= self.now_ms + self.skew_ms
+            && heartbeat <= allowance_ms.saturating_mul(BEATS_PER_MS)
+            && max_version <= allowance_ms.saturating_mul(WRITES_PER_MS)
+    }
+}
+
+/// What the cluster refused, or did about claims, since its owner last took the tally.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Node entries (in digests, deltas and positional heartbeats) refused as implausible.
+    pub implausible: u64,
+    /// Incarnations begun to refute claims about this node.
+    pub refutations: u64,
+}
+
 /// A responder's answer to a digest: the SynAck's contents.
 #[derive(Debug, Default)]
 pub struct SynReply {
@@ -101,6 +150,15 @@ pub struct Cluster {
     /// Bumped whenever a peer leaves the table, which moves another into its slot.
     slot_epoch: u64,
     sink: Arc<dyn EventSink>,
+    tally: Tally,
+    /// The highest generation of a claim about ourselves heard and not yet beaten.
+    claim: Option<u64>,
+    /// Set by a refutation, cleared by the next tick: refutations wait for it.
+    refuted_this_round: bool,
+    /// Per peer, what we hold at a version where another copy of it disagreed with ours. Only
+    /// the peer knows which copy is true; it is sent what we hold once a round (see
+    /// `take_disputes`) and refutes it if it is not.
+    disputes: HashMap<Name, NodeDelta, FnvBuild>,
 }
 
 impl Cluster {
@@ -115,11 +173,68 @@ impl Cluster {
             membership: None,
             slot_epoch: 0,
             sink,
+            tally: Tally::default(),
+            claim: None,
+            refuted_this_round: false,
+            disputes: HashMap::default(),
         }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The generation of the current (or last) incarnation; 0 before the first.
+    pub fn generation(&self) -> u64 {
+        self.local.generation
+    }
+
+    fn plausible(&self) -> Plausible {
+        Plausible {
+            now_ms: unix_ms(),
+            skew_ms: self.settings.max_clock_skew.as_millis() as u64,
+        }
+    }
+
+    /// Refusals and refutations since the last call.
+    pub fn take_tally(&mut self) -> Tally {
+        std::mem::take(&mut self.tally)
+    }
+
+    /// Notes a claim about ourselves, at `generation`, that we did not make.
+    fn heard_claim(&mut self, generation: u64) {
+        self.claim = self.claim.max(Some(generation));
+    }
+
+    /// Beats every claim heard about us with a new incarnation above the highest: peers replace
+    /// all they hold of us with our true state (local keys kept, re-versioned, pushed at once).
+    /// At most one per round, so a flood of forged frames costs one incarnation a round; claims
+    /// heard meanwhile wait for the next tick. A node that left corrects nothing.
+    fn refute(&mut self) {
+        if self.refuted_this_round {
+            return;
+        }
+        let Some(claim) = self.claim.take() else {
+            return;
+        };
+        if claim < self.local.generation || self.local.left {
+            return;
+        }
+        let generation = unix_ms().max(claim + 1);
+        self.begin_incarnation(self.name.clone(), generation, Duration::ZERO);
+        self.refuted_this_round = true;
+        self.tally.refutations += 1;
+    }
+
+    /// What we hold of peers at versions where copies disagreed, each for its owner to check.
+    /// Only live peers are told; the rest would not answer.
+    pub fn take_disputes(&mut self) -> Vec<(String, NodeDelta)> {
+        let peers = &self.peers;
+        self.disputes
+            .drain()
+            .filter(|(name, _)| peers.get(name).is_some_and(|p| p.live))
+            .map(|(name, delta)| (name.to_string(), delta))
+            .collect()
     }
 
     /// Starts a new incarnation. Local keys are kept and re-versioned under the new generation,
@@ -230,6 +345,8 @@ impl Cluster {
     /// failure convicts it at about the same time, so only about `ANNOUNCERS` of them, at
     /// random, announce it: one failure costs a few broadcasts, not one per node.
     pub fn tick(&mut self, now: Instant, stall: Duration, rng: &mut impl Rng) -> Vec<Suspicion> {
+        self.refuted_this_round = false;
+        self.refute();
         self.local.heartbeat += 1;
         let settings = &self.settings;
         let mut convicted = Vec::new();
@@ -412,7 +529,12 @@ impl Cluster {
             generation,
             from_version,
         };
+        let plausible = self.plausible();
         for (index, (name, generation, heartbeat, max_version, slot)) in entries.enumerate() {
+            if !plausible.admits(generation, heartbeat, max_version) {
+                self.tally.implausible += 1;
+                continue;
+            }
             let slot = match slot {
                 Some(slot) => slot,
                 None if self.is_forgotten(name, generation) => continue,
@@ -425,9 +547,18 @@ impl Cluster {
                     }
                 },
             };
-            // Nobody knows more about us than we do: never ask about ourselves.
+            // Nobody knows more about us than we do: never ask about ourselves, and anything
+            // newer than what we hold is a claim to refute.
             let is_self = slot == Slot::Local;
             let node = self.node_at(slot);
+            if is_self
+                && (generation > node.generation
+                    || generation == node.generation
+                        && (heartbeat > node.heartbeat || max_version > node.max_version))
+            {
+                self.heard_claim(generation);
+                continue;
+            }
             if node.generation > generation {
                 reply.deltas.push(node.delta(name, 0, &mut budget));
             } else if node.generation < generation {
@@ -452,6 +583,7 @@ impl Cluster {
                 }
             }
         }
+        self.refute();
         reply
     }
 
@@ -465,10 +597,22 @@ impl Cluster {
     ) -> Vec<NodeDelta> {
         self.apply_deltas(reply.deltas, now);
         if let Some(membership) = membership {
+            let plausible = self.plausible();
             for pair in reply.heartbeats.chunks_exact(2) {
                 let Some(member) = membership.members.get(pair[0] as usize) else {
                     continue;
                 };
+                if !plausible.admits(member.generation, pair[1], 0) {
+                    self.tally.implausible += 1;
+                    continue;
+                }
+                if member.slot == Slot::Local {
+                    if member.generation == self.local.generation && pair[1] > self.local.heartbeat
+                    {
+                        self.heard_claim(member.generation);
+                    }
+                    continue;
+                }
                 // Slots stay valid until a peer is removed; after that, look the name up.
                 let slot = match member.slot {
                     Slot::Peer(i) if membership.slot_epoch == self.slot_epoch => i,
@@ -482,6 +626,7 @@ impl Cluster {
                     self.observe_heartbeat(slot, pair[1], now);
                 }
             }
+            self.refute();
         }
         let mut budget = self.settings.delta_budget();
         reply
@@ -501,13 +646,35 @@ impl Cluster {
 
     /// Applies deltas from any message.
     pub fn apply_deltas(&mut self, deltas: Vec<NodeDelta>, now: Instant) {
+        let plausible = self.plausible();
         for delta in deltas {
-            self.apply_delta(delta, now);
+            if !plausible.admits(delta.generation, delta.heartbeat, delta.to_version) {
+                self.tally.implausible += 1;
+            } else if delta.name == self.name {
+                self.check_claims(&delta);
+            } else {
+                self.apply_delta(delta, now);
+            }
+        }
+        self.refute();
+    }
+
+    /// A delta about ourselves: anything in it that we did not say is a claim.
+    fn check_claims(&mut self, delta: &NodeDelta) {
+        let local = &self.local;
+        if delta.generation > local.generation
+            || delta.generation == local.generation
+                && (delta.heartbeat > local.heartbeat
+                    || delta.to_version > local.max_version
+                    || delta.left && !local.left
+                    || !local.confirms(delta))
+        {
+            self.heard_claim(delta.generation);
         }
     }
 
     fn apply_delta(&mut self, delta: NodeDelta, now: Instant) {
-        if delta.name == self.name || self.is_forgotten(&delta.name, delta.generation) {
+        if self.is_forgotten(&delta.name, delta.generation) {
             return;
         }
         let sink = &self.sink;
@@ -554,11 +721,13 @@ impl Cluster {
             }
         };
         let state = &mut peer.state;
-        if delta.from_version > state.max_version
-            || delta.to_version <= state.max_version && !delta.left
-        {
+        if delta.from_version > state.max_version {
             return;
         }
+        // `left` travels like a write, so it counts only with the versions that carry it; and
+        // versions we passed already must agree with ours, or one of the copies is forged.
+        let raises = delta.to_version > state.max_version;
+        let mut disputed = None;
         for kv in delta.kvs {
             if kv.version > state.max_version {
                 sink.emit(Event::Update {
@@ -567,10 +736,17 @@ impl Cluster {
                     value: &kv.value,
                 });
                 state.insert(kv.key, kv.version, kv.value);
+            } else if disputed.is_none() && !state.admits(&kv) {
+                disputed = Some(kv.version);
             }
         }
+        if let Some(version) = disputed {
+            let ours = state.at_version(&delta.name, version);
+            self.disputes.entry(peer.name.clone()).or_insert(ours);
+        }
+        let state = &mut peer.state;
         state.max_version = state.max_version.max(delta.to_version);
-        if delta.left && !state.left {
+        if raises && delta.left && !state.left {
             state.left = true;
             if peer.live {
                 fail(peer, now, sink.as_ref());
