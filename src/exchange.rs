@@ -97,7 +97,9 @@ pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, mut conn: T::Connect
     }
     match message {
         Message::Syn { digest } => {
-            let reply = absorb(shared, |cluster| cluster.handle_syn(&digest, Instant::now()));
+            let reply = absorb(shared, |cluster| {
+                cluster.handle_syn(&digest, Instant::now())
+            });
             answer_syn(shared, conn, reply).await;
         }
         Message::Suspect {
@@ -123,7 +125,9 @@ pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, mut conn: T::Connect
             mut forward_to,
         } => {
             let deltas_to_forward = (!forward_to.is_empty()).then(|| deltas.clone());
-            absorb(shared, |cluster| cluster.apply_deltas(deltas, Instant::now()));
+            absorb(shared, |cluster| {
+                cluster.apply_deltas(deltas, Instant::now())
+            });
             if let Some(deltas) = deltas_to_forward {
                 shared.cluster().retain_live(&mut forward_to);
                 push(shared, deltas, forward_to).await;
@@ -156,7 +160,9 @@ async fn answer_syn<T: Transport>(shared: &Shared<T>, mut conn: T::Connection, r
     }
     match receive(shared, &mut conn).await {
         Some((_, Message::Ack { deltas })) => {
-            absorb(shared, |cluster| cluster.apply_deltas(deltas, Instant::now()));
+            absorb(shared, |cluster| {
+                cluster.apply_deltas(deltas, Instant::now())
+            });
             shared.counters.exchanges.fetch_add(1, Relaxed);
         }
         Some(_) => shared.counters.reject(Rejection::Unexpected),

@@ -106,6 +106,10 @@ impl Plausible {
     }
 }
 
+/// Owners told of disputes per round: each costs a connection, and forged frames can make
+/// disputes about many peers at once.
+const DISPUTES_PER_ROUND: usize = 4;
+
 /// What the cluster refused, or did about claims, since its owner last took the tally.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tally {
@@ -226,14 +230,21 @@ impl Cluster {
         self.tally.refutations += 1;
     }
 
-    /// What we hold of peers at versions where copies disagreed, each for its owner to check.
-    /// Only live peers are told; the rest would not answer.
+    /// What we hold of peers at versions where copies disagreed, each for its owner to check,
+    /// live or not (a forged `left` makes it look failed), at most [`DISPUTES_PER_ROUND`].
     pub fn take_disputes(&mut self) -> Vec<(String, NodeDelta)> {
-        let peers = &self.peers;
-        self.disputes
-            .drain()
-            .filter(|(name, _)| peers.get(name).is_some_and(|p| p.live))
-            .map(|(name, delta)| (name.to_string(), delta))
+        let owners: Vec<Name> = self
+            .disputes
+            .keys()
+            .take(DISPUTES_PER_ROUND)
+            .cloned()
+            .collect();
+        owners
+            .into_iter()
+            .filter_map(|owner| {
+                let delta = self.disputes.remove(&owner)?;
+                Some((owner.to_string(), delta))
+            })
             .collect()
     }
 
@@ -1548,5 +1559,438 @@ mod tests {
             }
             assert!(rounds <= 15, "seed {seed}: {rounds} rounds");
         }
+    }
+
+    /// A cluster of nodes on ports 1..=n that started an hour ago and know each other, driven in
+    /// rounds as the node's tasks drive it: each round every node ticks, reports its disputes,
+    /// and exchanges with one other at random; every broadcast (a Push of fresh changes to each
+    /// live peer, a dispute to its owner) is delivered at once. All of it through the real
+    /// encoder and decoder.
+    struct World {
+        nodes: Vec<TestNode>,
+        now: Instant,
+        rng: SmallRng,
+        tally: Tally,
+    }
+
+    /// `message` encoded by `from` and decoded again, as a receiver gets it.
+    fn through_wire(message: wire::Message, from: &str) -> wire::Message {
+        let bytes = wire::encode("gossiper", from, &message);
+        wire::decode(
+            &bytes::BytesMut::from(&bytes[..]),
+            "gossiper",
+            &Limits::default(),
+        )
+        .expect("well-formed")
+        .1
+    }
+
+    impl World {
+        fn new(n: usize, seed: u64) -> World {
+            let now = Instant::now();
+            let started = unix_ms() - 3_600_000;
+            let nodes = (1..=n)
+                .map(|p| node(p as u16, started + p as u64, now))
+                .collect();
+            let mut world = World {
+                nodes,
+                now,
+                rng: SmallRng::seed_from_u64(seed),
+                tally: Tally::default(),
+            };
+            for _ in 0..10 {
+                world.round();
+            }
+            for i in 0..n {
+                assert_eq!(world.nodes[i].cluster.peer_names(Some(true)).len(), n - 1);
+                world.nodes[i].events.take();
+            }
+            world
+        }
+
+        fn name(&self, i: usize) -> String {
+            self.nodes[i].cluster.name().to_owned()
+        }
+
+        fn round(&mut self) {
+            self.now += Duration::from_secs(1);
+            for i in 0..self.nodes.len() {
+                self.nodes[i]
+                    .cluster
+                    .tick(self.now, Duration::ZERO, &mut test_rng());
+                for (owner, ours) in self.nodes[i].cluster.take_disputes() {
+                    let to = self.index(&owner);
+                    self.deliver(to, vec![ours], i);
+                }
+                let others = self.nodes.len() - 1;
+                let j = (i + 1 + self.rng.gen_range(0..others)) % self.nodes.len();
+                let (a, b) = if i < j {
+                    let (l, r) = self.nodes.split_at_mut(j);
+                    (&mut l[i].cluster, &mut r[0].cluster)
+                } else {
+                    let (l, r) = self.nodes.split_at_mut(i);
+                    (&mut r[0].cluster, &mut l[j].cluster)
+                };
+                exchange(a, b, self.now);
+                self.flush();
+            }
+        }
+
+        fn index(&self, name: &str) -> usize {
+            self.nodes
+                .iter()
+                .position(|n| n.cluster.name() == name)
+                .expect("a node of this world")
+        }
+
+        /// A Push of `deltas` from node `from` to node `to`.
+        fn deliver(&mut self, to: usize, deltas: Vec<NodeDelta>, from: usize) {
+            let push = wire::Message::Push {
+                deltas,
+                forward_to: vec![],
+            };
+            let wire::Message::Push { deltas, .. } = through_wire(push, &self.name(from)) else {
+                unreachable!()
+            };
+            self.nodes[to].cluster.apply_deltas(deltas, self.now);
+        }
+
+        /// Delivers every node's waiting changes to each peer it holds live, until none wait.
+        fn flush(&mut self) {
+            while let Some(i) = (0..self.nodes.len()).find(|&i| {
+                self.nodes[i].cluster.has_unpushed()
+                    && !self.nodes[i].cluster.peer_names(Some(true)).is_empty()
+            }) {
+                let deltas = self.nodes[i].cluster.take_unpushed();
+                for peer in self.nodes[i].cluster.peer_names(Some(true)) {
+                    let to = self.index(&peer);
+                    self.deliver(to, deltas.clone(), i);
+                }
+            }
+            for node in &mut self.nodes {
+                let tally = node.cluster.take_tally();
+                self.tally.implausible += tally.implausible;
+                self.tally.refutations += tally.refutations;
+            }
+        }
+
+        /// One forged frame, a Push of `delta`, sent to node `to` by a stranger.
+        fn forge(&mut self, to: usize, delta: NodeDelta) {
+            let push = wire::Message::Push {
+                deltas: vec![delta],
+                forward_to: vec![],
+            };
+            let wire::Message::Push { deltas, .. } = through_wire(push, "10.9.9.9:9") else {
+                unreachable!()
+            };
+            self.nodes[to].cluster.apply_deltas(deltas, self.now);
+            self.flush();
+        }
+
+        /// The delta node `owner` would send of itself from its max version, as a forger
+        /// copies it from any digest.
+        fn honest_tip(&self, owner: usize) -> NodeDelta {
+            let digest = &self.nodes[owner].cluster.digest()[0];
+            NodeDelta {
+                name: digest.name.clone(),
+                generation: digest.generation,
+                heartbeat: digest.heartbeat,
+                from_version: digest.max_version,
+                to_version: digest.max_version,
+                left: false,
+                kvs: vec![],
+            }
+        }
+
+        fn write(&mut self, owner: usize, key: &str, value: &str) {
+            self.nodes[owner].cluster.set_local(key, msgpack(value));
+            self.flush();
+        }
+
+        /// Every other node holds `owner` live in its true generation, no heartbeat ahead of
+        /// its own, and with `value` under `key`.
+        fn all_hear(&self, owner: usize, key: &str, value: &str) -> bool {
+            let name = self.name(owner);
+            let truth = &self.nodes[owner].cluster.local;
+            (0..self.nodes.len()).filter(|&i| i != owner).all(|i| {
+                let cluster = &self.nodes[i].cluster;
+                cluster.peers.get(&name).is_some_and(|p| {
+                    p.live
+                        && p.state.generation == truth.generation
+                        && p.state.heartbeat <= truth.heartbeat
+                }) && cluster.node_value(&name, key) == Some(&msgpack(value))
+            })
+        }
+
+        /// Rounds until every node holds `owner`'s true state, live, with its `value` under
+        /// `key` (0 when they already do), at most `limit`.
+        fn rounds_until_heard(
+            &mut self,
+            owner: usize,
+            key: &str,
+            value: &str,
+            limit: usize,
+        ) -> usize {
+            let mut rounds = 0;
+            while !self.all_hear(owner, key, value) {
+                assert!(rounds < limit, "not heard within {limit} rounds");
+                self.round();
+                rounds += 1;
+            }
+            rounds
+        }
+
+        fn failures(&self) -> Vec<String> {
+            self.nodes
+                .iter()
+                .flat_map(|n| n.events.take())
+                .filter(|e| e.starts_with("peer_failed"))
+                .collect()
+        }
+    }
+
+    const SEEDS: [u64; 5] = [1, 2, 3, 4, 5];
+
+    #[test]
+    fn an_honest_cluster_hears_no_claims_and_refuses_nothing() {
+        for seed in SEEDS {
+            let mut world = World::new(6, seed);
+            for round in 0..30 {
+                let writer = round % 6;
+                world.write(writer, &format!("k{}", round % 4), &format!("{round}"));
+                world.round();
+            }
+            assert_eq!(world.tally, Tally::default(), "seed {seed}");
+            assert!(world.nodes.iter().all(|n| n.cluster.disputes.is_empty()));
+            assert!(world.failures().is_empty(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn counters_are_judged_against_the_clock() {
+        let plausible = Plausible {
+            now_ms: 1_000_000_000,
+            skew_ms: 60_000,
+        };
+        // A generation up to the skew ahead of our clock, not further.
+        assert!(plausible.admits(1_000_060_000, 0, 0));
+        assert!(!plausible.admits(1_000_060_001, 0, 0));
+        assert!(!plausible.admits(wire::MAX_COUNTER, 0, 0));
+        // Started an hour ago: a beat a millisecond and ten writes a microsecond at most,
+        // counted from twice the skew before the start.
+        let hour_ago = 1_000_000_000 - 3_600_000;
+        assert!(plausible.admits(hour_ago, 3_720_000, 37_200_000_000));
+        assert!(!plausible.admits(hour_ago, 3_720_001, 0));
+        assert!(!plausible.admits(hour_ago, 0, 37_200_000_001));
+        assert!(!plausible.admits(hour_ago, wire::MAX_COUNTER, 0));
+        // An old generation and tests' small ones are far in the past: wide bounds.
+        assert!(plausible.admits(1, 1 << 20, 1 << 40));
+    }
+
+    #[test]
+    fn a_generation_of_2_pow_53_for_a_live_node_is_refused_and_one_within_the_skew_refuted() {
+        for seed in SEEDS {
+            let mut world = World::new(5, seed);
+            let d = 3;
+            let mut forged = world.honest_tip(d);
+            forged.generation = wire::MAX_COUNTER;
+            world.forge(0, forged);
+            assert_eq!(world.tally.implausible, 1);
+            world.write(d, "k", "after");
+            assert_eq!(world.rounds_until_heard(d, "k", "after", 1), 0);
+
+            // Within the skew, the forged generation wins at the node it reaches...
+            let mut forged = world.honest_tip(d);
+            forged.generation = unix_ms() + 30_000;
+            forged.from_version = 0;
+            forged.to_version = 0;
+            let claimed = forged.generation;
+            world.forge(0, forged);
+            assert_eq!(
+                world.nodes[0].cluster.peer_infos(world.now)[d - 1].generation,
+                claimed
+            );
+            // ... until D hears of it, and starts a new incarnation above it.
+            world.write(d, "k", "later");
+            let rounds = world.rounds_until_heard(d, "k", "later", 3);
+            eprintln!("seed {seed}: generation within the skew: heard again after {rounds} rounds");
+            assert_eq!(world.tally.refutations, 1, "seed {seed}");
+            assert!(world.nodes[d].cluster.generation() > claimed);
+            assert!(world.failures().is_empty(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_of_2_pow_53_is_refused_and_a_plausible_one_refuted() {
+        for seed in SEEDS {
+            let mut world = World::new(5, seed);
+            let d = 2;
+            let mut forged = world.honest_tip(d);
+            forged.heartbeat = wire::MAX_COUNTER;
+            world.forge(1, forged);
+            assert_eq!(world.tally.implausible, 1);
+
+            // Without a refutation, node 1 would hear no rise of D's heartbeat for 11 days.
+            let mut forged = world.honest_tip(d);
+            forged.heartbeat += 1_000_000;
+            world.forge(1, forged);
+            world.write(d, "k", "after");
+            let rounds = world.rounds_until_heard(d, "k", "after", 3);
+            eprintln!("seed {seed}: heartbeat raised: heard again after {rounds} rounds");
+            assert_eq!(world.tally.refutations, 1, "seed {seed}");
+            for _ in 0..30 {
+                world.round();
+            }
+            assert!(world.failures().is_empty(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_max_version_of_2_pow_53_is_refused_and_a_plausible_one_refuted() {
+        for seed in SEEDS {
+            let mut world = World::new(5, seed);
+            let d = 4;
+            world.write(d, "k", "before");
+            let mut forged = world.honest_tip(d);
+            forged.to_version = wire::MAX_COUNTER;
+            world.forge(0, forged);
+            assert_eq!(world.tally.implausible, 1);
+            world.write(d, "k", "after");
+            assert_eq!(world.rounds_until_heard(d, "k", "after", 1), 0);
+
+            let mut forged = world.honest_tip(d);
+            forged.to_version += 1_000_000;
+            world.forge(0, forged);
+            world.write(d, "k", "later");
+            let rounds = world.rounds_until_heard(d, "k", "later", 3);
+            eprintln!("seed {seed}: max version raised: heard again after {rounds} rounds");
+            assert_eq!(world.tally.refutations, 1, "seed {seed}");
+            assert!(world.failures().is_empty(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_forged_write_at_the_next_version_is_refuted_even_after_the_owner_wrote_it_too() {
+        for seed in SEEDS {
+            let mut world = World::new(5, seed);
+            let d = 1;
+            world.write(d, "k", "before");
+            let mut forged = world.honest_tip(d);
+            forged.to_version += 1;
+            forged.kvs.push(KeyValue {
+                key: "k".into(),
+                version: forged.to_version,
+                value: msgpack("forged"),
+            });
+            // To every node but D, before D's own next write of that key: the same version.
+            for i in (0..5).filter(|&i| i != d) {
+                world.forge(i, forged.clone());
+            }
+            world.write(d, "k", "after");
+            assert!(world.nodes.iter().all(|n| n.cluster.disputes.len() <= 1));
+            let rounds = world.rounds_until_heard(d, "k", "after", 3);
+            eprintln!("seed {seed}: colliding write: heard again after {rounds} rounds");
+            assert_eq!(world.tally.refutations, 1, "seed {seed}");
+            assert_eq!(
+                world.nodes[d].cluster.local_value("k"),
+                Some(&msgpack("after"))
+            );
+
+            // Forged to one node while D writes nothing: D hears a version above its own.
+            let mut forged = world.honest_tip(d);
+            forged.to_version += 1;
+            forged.kvs.push(KeyValue {
+                key: "k".into(),
+                version: forged.to_version,
+                value: msgpack("forged"),
+            });
+            world.forge(2, forged);
+            for _ in 0..3 {
+                world.round();
+            }
+            assert_eq!(world.tally.refutations, 2, "seed {seed}");
+            assert_eq!(world.rounds_until_heard(d, "k", "after", 1), 0);
+            assert!(world.failures().is_empty(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_forged_left_is_refuted_and_the_node_returns_to_live() {
+        for seed in SEEDS {
+            let mut world = World::new(5, seed);
+            let d = 0;
+            let name = world.name(d);
+            // `left` without the version that carries it is not taken at all.
+            let mut forged = world.honest_tip(d);
+            forged.left = true;
+            world.forge(4, forged.clone());
+            assert!(world.failures().is_empty());
+
+            forged.to_version += 1;
+            world.forge(4, forged);
+            assert_eq!(world.failures(), [format!("peer_failed {name}")]);
+            world.write(d, "k", "after");
+            let rounds = world.rounds_until_heard(d, "k", "after", 3);
+            eprintln!("seed {seed}: left: live and heard again after {rounds} rounds");
+            assert_eq!(world.tally.refutations, 1, "seed {seed}");
+            assert!(world.nodes[4]
+                .events
+                .take()
+                .contains(&format!("peer_alive {name}")));
+        }
+    }
+
+    #[test]
+    fn a_node_does_not_refute_its_own_earlier_incarnations() {
+        let mut world = World::new(4, 1);
+        let d = 2;
+        let name = world.name(d);
+        world.write(d, "k", "v1");
+        // A graceful stop, then a restart: peers hold the old generation, left, for a while.
+        world.nodes[d].cluster.leave();
+        world.flush();
+        let old = world.nodes[d].cluster.generation();
+        world.nodes[d]
+            .cluster
+            .begin_incarnation(name.clone(), old + 1000, Duration::ZERO);
+        // Before the new incarnation is pushed, D hears its old one, left, everywhere.
+        for i in [0, 1, 3] {
+            let digest = world.nodes[i].cluster.digest();
+            world.nodes[d].cluster.handle_syn(&digest, world.now);
+        }
+        world.flush();
+        world.write(d, "k", "v2");
+        world.rounds_until_heard(d, "k", "v2", 2);
+        for _ in 0..5 {
+            world.round();
+        }
+        assert_eq!(world.tally.refutations, 0);
+        assert_eq!(world.nodes[d].cluster.generation(), old + 1000);
+    }
+
+    #[test]
+    fn a_flood_of_claims_costs_one_incarnation_a_round_and_every_claim_is_beaten() {
+        let mut world = World::new(3, 1);
+        let d = 1;
+        let base = unix_ms() + 10_000;
+        for k in 0..100 {
+            let mut forged = world.honest_tip(d);
+            forged.generation = base + 10 * k;
+            forged.from_version = 0;
+            forged.to_version = 0;
+            world.forge(d, forged);
+        }
+        // The first claim is beaten at once; the rest wait for the next round.
+        assert_eq!(world.tally.refutations, 1);
+        assert_eq!(world.nodes[d].cluster.generation(), base + 1);
+        world.round();
+        assert_eq!(world.tally.refutations, 2);
+        assert!(world.nodes[d].cluster.generation() > base + 990);
+        for _ in 0..5 {
+            world.round();
+        }
+        assert_eq!(world.tally.refutations, 2);
+        world.write(d, "k", "v");
+        assert_eq!(world.rounds_until_heard(d, "k", "v", 1), 0);
     }
 }
