@@ -121,12 +121,14 @@ pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, mut conn: T::Connect
             forward_suspicion(shared, suspicion, forward_to).await;
         }
         Message::Push {
-            deltas,
+            mut deltas,
             mut forward_to,
         } => {
-            let deltas_to_forward = (!forward_to.is_empty()).then(|| deltas.clone());
-            absorb(shared, |cluster| {
-                cluster.apply_deltas(deltas, Instant::now())
+            let deltas_to_forward = absorb(shared, |cluster| {
+                cluster.retain_plausible(&mut deltas);
+                let to_forward = (!forward_to.is_empty()).then(|| deltas.clone());
+                cluster.apply_deltas(deltas, Instant::now());
+                to_forward
             });
             if let Some(deltas) = deltas_to_forward {
                 shared.cluster().retain_live(&mut forward_to);

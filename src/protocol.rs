@@ -656,18 +656,25 @@ impl Cluster {
     }
 
     /// Applies deltas from any message.
-    pub fn apply_deltas(&mut self, deltas: Vec<NodeDelta>, now: Instant) {
-        let plausible = self.plausible();
+    pub fn apply_deltas(&mut self, mut deltas: Vec<NodeDelta>, now: Instant) {
+        self.retain_plausible(&mut deltas);
         for delta in deltas {
-            if !plausible.admits(delta.generation, delta.heartbeat, delta.to_version) {
-                self.tally.implausible += 1;
-            } else if delta.name == self.name {
+            if delta.name == self.name {
                 self.check_claims(&delta);
             } else {
                 self.apply_delta(delta, now);
             }
         }
         self.refute();
+    }
+
+    /// Drops, and counts, the deltas whose counters no honest node could have reached yet, so
+    /// that a Push relays only what its receiver believed.
+    pub fn retain_plausible(&mut self, deltas: &mut Vec<NodeDelta>) {
+        let plausible = self.plausible();
+        let before = deltas.len();
+        deltas.retain(|d| plausible.admits(d.generation, d.heartbeat, d.to_version));
+        self.tally.implausible += (before - deltas.len()) as u64;
     }
 
     /// A delta about ourselves: anything in it that we did not say is a claim.
