@@ -762,7 +762,6 @@ impl Cluster {
             let ours = state.at_version(&delta.name, version);
             self.disputes.entry(peer.name.clone()).or_insert(ours);
         }
-        let state = &mut peer.state;
         state.max_version = state.max_version.max(delta.to_version);
         if raises && delta.left && !state.left {
             state.left = true;
@@ -1999,5 +1998,30 @@ mod tests {
         assert_eq!(world.tally.refutations, 2);
         world.write(d, "k", "v");
         assert_eq!(world.rounds_until_heard(d, "k", "v", 1), 0);
+    }
+
+    #[test]
+    fn a_node_whose_clock_runs_ahead_beyond_the_skew_is_refused_unless_the_option_allows_it() {
+        let now = Instant::now();
+        let ahead = unix_ms() + 120_000;
+        let mut fast = node(9, ahead, now);
+        let mut a = node(1, 1, now);
+        exchange(&mut fast.cluster, &mut a.cluster, now);
+        assert!(a.cluster.peer_names(None).is_empty());
+        assert!(a.cluster.take_tally().implausible >= 1);
+        // Only entries about that node are refused: it still learns of the others.
+        assert_eq!(fast.cluster.peer_names(None), ["127.0.0.1:1"]);
+
+        let settings = Settings {
+            max_clock_skew: Duration::from_secs(180),
+            ..Settings::default()
+        };
+        let mut tolerant = Cluster::new(Arc::new(settings), Arc::new(Recorder::default()));
+        tolerant.begin_incarnation("127.0.0.1:2".into(), 1, Duration::ZERO);
+        exchange(&mut fast.cluster, &mut tolerant, now);
+        assert!(tolerant
+            .peer_names(Some(true))
+            .contains(&"127.0.0.1:9".to_string()));
+        assert_eq!(tolerant.take_tally(), Tally::default());
     }
 }
