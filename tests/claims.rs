@@ -19,7 +19,6 @@ use tokio::time::Instant;
 
 const SEEDS: [u64; 3] = [1, 2, 3];
 const PORT: u16 = 7946;
-const NODES: usize = 5;
 /// The node the forged frames are about.
 const D: usize = 3;
 
@@ -41,6 +40,9 @@ struct Sim {
     failures: Vec<Arc<Recorder>>,
 }
 
+/// Nodes of the cluster the attack table runs on.
+const NODES: usize = 5;
+
 fn ip(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 0, 0, i as u8 + 1))
 }
@@ -56,12 +58,12 @@ fn value(text: &str) -> bytes::Bytes {
 }
 
 impl Sim {
-    /// `NODES` nodes seeded by the first, started, knowing each other.
-    async fn start(seed: u64) -> Sim {
+    /// `n` nodes seeded by the first, started, knowing each other.
+    async fn start(seed: u64, n: usize) -> Sim {
         let settings = Settings::default();
         let net = MemNetwork::new(seed, settings.limits.max_frame_bytes);
-        let failures: Vec<Arc<Recorder>> = (0..NODES).map(|_| Arc::default()).collect();
-        let nodes: Vec<Node<MemTransport>> = (0..NODES)
+        let failures: Vec<Arc<Recorder>> = (0..n).map(|_| Arc::default()).collect();
+        let nodes: Vec<Node<MemTransport>> = (0..n)
             .map(|i| {
                 let seeds = if i == 0 { vec![] } else { vec![name(0)] };
                 let sink = failures[i].clone();
@@ -88,8 +90,8 @@ impl Sim {
             nodes,
             failures,
         };
-        sim.wait(Duration::from_secs(10), "full membership", |sim| {
-            (0..NODES).all(|i| sim.live_peers(i).len() == NODES - 1)
+        sim.wait(Duration::from_secs(15), "full membership", |sim| {
+            (0..n).all(|i| sim.live_peers(i).len() == n - 1)
         })
         .await;
         // A few rounds more, so that detectors have a history.
@@ -115,17 +117,18 @@ impl Sim {
         }
     }
 
-    /// Every node holds D's true state: live, in D's current generation, no heartbeat ahead of
-    /// D's own, with `text` under `key`.
+    /// Every node holds D's true state: live, in D's current generation and max version, no
+    /// heartbeat ahead of D's own, with `text` under `key`.
     fn all_hear_d(&self, key: &str, text: &str) -> bool {
         let own = self.nodes[D].with_cluster(|c| c.digest()[0].clone());
-        (0..NODES).filter(|&i| i != D).all(|i| {
+        (0..self.nodes.len()).filter(|&i| i != D).all(|i| {
             self.nodes[i].with_cluster(|c| {
                 c.peer_infos(Instant::now()).iter().any(|p| {
                     p.name == own.name
                         && p.live
                         && p.generation == own.generation
                         && p.heartbeat <= own.heartbeat
+                        && p.max_version == own.max_version
                 }) && c.node_value(&name(D), key) == Some(&value(text))
             })
         })
@@ -144,7 +147,10 @@ impl Sim {
 
     /// A Push of `delta` to node 0, to be relayed to every node but D.
     async fn forge_relayed(&self, delta: NodeDelta) {
-        let forward_to = (1..NODES).filter(|&i| i != D).map(name).collect();
+        let forward_to = (1..self.nodes.len())
+            .filter(|&i| i != D)
+            .map(name)
+            .collect();
         self.forge(
             0,
             Message::Push {
@@ -290,7 +296,7 @@ const ROWS: &[Row] = &[
 fn one_forged_frame_about_a_live_node_is_refused_or_refuted_within_a_few_rounds() {
     for row in ROWS {
         each_seed(|seed| async move {
-            let sim = Sim::start(seed).await;
+            let sim = Sim::start(seed, NODES).await;
             sim.nodes[D].set_local("k", value("before")).unwrap();
             sim.wait(Duration::from_secs(2), "the first write", |sim| {
                 sim.all_hear_d("k", "before")
@@ -353,7 +359,7 @@ fn one_forged_frame_about_a_live_node_is_refused_or_refuted_within_a_few_rounds(
 #[test]
 fn a_flood_of_forged_suspicions_fails_nobody() {
     each_seed(|seed| async move {
-        let sim = Sim::start(seed).await;
+        let sim = Sim::start(seed, NODES).await;
         // 90 Suspect frames a second for 20 s, each naming a live node at its true generation
         // and heartbeat, sent to another node and forwarded to all the rest.
         for k in 0..1800 {
@@ -386,4 +392,47 @@ fn a_flood_of_forged_suspicions_fails_nobody() {
         );
         sim.stop().await;
     });
+}
+
+#[test]
+fn a_claim_told_to_one_node_of_30_reaches_its_subject_and_is_refuted_within_a_few_rounds() {
+    for row in ROWS.iter().filter(|r| !r.implausible) {
+        each_seed(|seed| async move {
+            let sim = Sim::start(seed, 30).await;
+            sim.nodes[D].set_local("k", value("before")).unwrap();
+            sim.wait(Duration::from_secs(2), "the first write", |sim| {
+                sim.all_hear_d("k", "before")
+            })
+            .await;
+            // No relay and no write of D's: the claim spreads by anti-entropy alone, until D
+            // meets a node that holds it.
+            let to = (D + 1 + seed as usize) % 30;
+            let forged = (row.forge)(sim.tip());
+            sim.forge(
+                to,
+                Message::Push {
+                    deltas: vec![forged],
+                    forward_to: vec![],
+                },
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let took = sim
+                .wait(Duration::from_secs(10), row.attack, |sim| {
+                    sim.all_hear_d("k", "before")
+                })
+                .await;
+            println!(
+                "seed {seed}: {:<28} told to one node of 30: D's true state everywhere after {:>5} ms",
+                row.attack,
+                took.as_millis()
+            );
+            assert_eq!(
+                sim.counted(|c| c.refutations.load(Relaxed)),
+                1,
+                "seed {seed}"
+            );
+            sim.stop().await;
+        });
+    }
 }
