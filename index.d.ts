@@ -98,6 +98,8 @@ export interface GossiperOptions {
   maxPeersPerMessage?: number
   /** Most inbound connections served at once; more are refused. Default 1024. */
   maxInboundConnections?: number
+  /** Milliseconds another node's clock may run ahead of ours: a generation (start time) further ahead is refused as implausible. Default 60000, at least 1000. */
+  maxClockSkew?: number
 }
 
 /** Options with the defaults filled in, as `gossiper.options` returns them. */
@@ -145,6 +147,11 @@ export type RejectionReason =
   | 'outOfBounds'
   /** Well formed, but not the message expected at that point of an exchange. */
   | 'unexpected'
+  /**
+   * Counters no honest node could have reached yet: counted per node entry refused, the rest of
+   * the frame is used.
+   */
+  | 'implausible'
 
 /** Engine counters since the Gossiper was created. */
 export interface GossiperStats {
@@ -164,6 +171,8 @@ export interface GossiperStats {
   connectionsRefused: number
   /** Seed host names that resolved to nothing when contacted; they are tried again in later rounds. */
   seedResolveFailures: number
+  /** New incarnations begun to refute claims about this node that it did not make. */
+  refutations: number
   /** Frames dropped, by reason. */
   rejected: Record<RejectionReason, number>
 }

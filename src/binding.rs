@@ -72,7 +72,9 @@ pub struct NativeStats {
     pub send_failures: f64,
     pub connections_refused: f64,
     pub seed_resolve_failures: f64,
-    /// Frames dropped, by reason.
+    /// New incarnations begun to refute claims about this node that it did not make.
+    pub refutations: f64,
+    /// Frames (or, for `implausible`, node entries) dropped, by reason.
     pub rejected: std::collections::HashMap<String, f64>,
 }
 
@@ -433,6 +435,7 @@ impl NativeGossiper {
             send_failures: n(&c.send_failures),
             connections_refused: n(&c.connections_refused),
             seed_resolve_failures: n(&c.seed_resolve_failures),
+            refutations: n(&c.refutations),
             rejected: Rejection::ALL
                 .iter()
                 .map(|r| (r.as_str().to_owned(), c.rejected(*r) as f64))

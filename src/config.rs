@@ -50,6 +50,7 @@ pub const NUMERIC_OPTIONS: &[NumericOption] = &[
     option("maxValueBytes", (256 << 10) as f64, 1.0, I32_MAX, true),
     option("maxPeersPerMessage", 8192.0, 1.0, (1 << 20) as f64, true),
     option("maxInboundConnections", 1024.0, 1.0, (1 << 20) as f64, true),
+    option("maxClockSkew", 60e3, 1000.0, 365.0 * DAY_MS, true),
 ];
 
 /// Options that are not numbers; with [`NUMERIC_OPTIONS`] they are every option there is.
@@ -126,6 +127,9 @@ pub struct Settings {
     /// How long a connection may wait for its next frame, and a send may take.
     pub idle_timeout: Duration,
     pub max_inbound_connections: usize,
+    /// How far ahead of our clock another node's clock may run: a generation (its start time)
+    /// further ahead is refused as implausible. See `docs/protocol.md`.
+    pub max_clock_skew: Duration,
 }
 
 impl Default for Settings {
@@ -178,6 +182,7 @@ impl Settings {
             connect_timeout: ms("connectTimeout"),
             idle_timeout: ms("idleTimeout"),
             max_inbound_connections: get("maxInboundConnections") as usize,
+            max_clock_skew: ms("maxClockSkew"),
         };
         let largest_entry = settings.limits.max_value_bytes + settings.limits.max_key_bytes;
         if largest_entry > settings.largest_entry_budget() {

@@ -5,7 +5,7 @@
 
 use crate::node::Shared;
 use crate::peers::Membership;
-use crate::protocol::{Suspicion, SynReply, Target};
+use crate::protocol::{Cluster, Suspicion, SynReply, Target};
 use crate::transport::{Connection, Transport};
 use crate::wire::{self, Message, Rejection};
 use std::io;
@@ -81,9 +81,9 @@ pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, mut conn: T::Connect
         versions,
     } = &message
     {
-        let reply = shared
-            .cluster()
-            .handle_compact_syn(*membership_hash, versions, Instant::now());
+        let reply = absorb(shared, |cluster| {
+            cluster.handle_compact_syn(*membership_hash, versions, Instant::now())
+        });
         if let Some(reply) = reply {
             return answer_syn(shared, conn, reply).await;
         }
@@ -97,7 +97,9 @@ pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, mut conn: T::Connect
     }
     match message {
         Message::Syn { digest } => {
-            let reply = shared.cluster().handle_syn(&digest, Instant::now());
+            let reply = absorb(shared, |cluster| {
+                cluster.handle_syn(&digest, Instant::now())
+            });
             answer_syn(shared, conn, reply).await;
         }
         Message::Suspect {
@@ -119,11 +121,15 @@ pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, mut conn: T::Connect
             forward_suspicion(shared, suspicion, forward_to).await;
         }
         Message::Push {
-            deltas,
+            mut deltas,
             mut forward_to,
         } => {
-            let deltas_to_forward = (!forward_to.is_empty()).then(|| deltas.clone());
-            apply(shared, deltas);
+            let deltas_to_forward = absorb(shared, |cluster| {
+                cluster.retain_plausible(&mut deltas);
+                let to_forward = (!forward_to.is_empty()).then(|| deltas.clone());
+                cluster.apply_deltas(deltas, Instant::now());
+                to_forward
+            });
             if let Some(deltas) = deltas_to_forward {
                 shared.cluster().retain_live(&mut forward_to);
                 push(shared, deltas, forward_to).await;
@@ -156,7 +162,9 @@ async fn answer_syn<T: Transport>(shared: &Shared<T>, mut conn: T::Connection, r
     }
     match receive(shared, &mut conn).await {
         Some((_, Message::Ack { deltas })) => {
-            apply(shared, deltas);
+            absorb(shared, |cluster| {
+                cluster.apply_deltas(deltas, Instant::now())
+            });
             shared.counters.exchanges.fetch_add(1, Relaxed);
         }
         Some(_) => shared.counters.reject(Rejection::Unexpected),
@@ -164,16 +172,20 @@ async fn answer_syn<T: Transport>(shared: &Shared<T>, mut conn: T::Connection, r
     }
 }
 
-fn apply<T: Transport>(shared: &Shared<T>, deltas: Vec<wire::NodeDelta>) {
-    shared.cluster().apply_deltas(deltas, Instant::now());
-    wake_pusher(shared);
-}
-
-/// A change may have waited for peers to push to; an exchange may just have brought them.
-pub(crate) fn wake_pusher<T: Transport>(shared: &Shared<T>) {
-    if shared.cluster().has_unpushed() {
+/// Hands what arrived to the cluster, counts what it refused, and wakes the pusher when there is
+/// something to broadcast: a change that waited for peers (an exchange may just have brought
+/// them), or a new incarnation refuting a claim about us.
+fn absorb<T: Transport, R>(shared: &Shared<T>, feed: impl FnOnce(&mut Cluster) -> R) -> R {
+    let (result, tally, unpushed) = {
+        let mut cluster = shared.cluster();
+        let result = feed(&mut cluster);
+        (result, cluster.take_tally(), cluster.has_unpushed())
+    };
+    shared.counters.add(tally);
+    if unpushed {
         shared.push_wanted.notify_one();
     }
+    result
 }
 
 async fn connect<T: Transport>(shared: &Shared<T>, target: &Target) -> Option<T::Connection> {
@@ -242,10 +254,9 @@ pub(crate) async fn exchange<T: Transport>(
         Some(_) => return shared.counters.reject(Rejection::Unexpected),
         None => return,
     };
-    let answers = shared
-        .cluster()
-        .handle_syn_ack(reply, positions, Instant::now());
-    wake_pusher(shared);
+    let answers = absorb(shared, |cluster| {
+        cluster.handle_syn_ack(reply, positions, Instant::now())
+    });
     if send(shared, &mut conn, &Message::Ack { deltas: answers })
         .await
         .is_ok()

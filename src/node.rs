@@ -11,7 +11,7 @@
 use crate::address;
 use crate::config::Settings;
 use crate::exchange;
-use crate::protocol::{Cluster, EventSink, PeerInfo};
+use crate::protocol::{self, Cluster, EventSink, PeerInfo, Tally};
 use crate::transport::{Listener, Tcp, Transport};
 use crate::wire::{self, Rejection};
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::runtime::Runtime;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::{timeout, Instant, MissedTickBehavior};
@@ -53,13 +53,12 @@ fn worker_threads() -> usize {
         .unwrap_or(cores.min(2))
 }
 
-/// A generation strictly above every earlier one of this process, and (clock permitting) of any
-/// earlier process: milliseconds since the Unix epoch.
-fn next_generation() -> u64 {
+/// A generation strictly above every earlier one of this process, at least `floor` (above the
+/// node's previous one, which a refutation may have set ahead of the clock), and (clock
+/// permitting) above any earlier process: milliseconds since the Unix epoch.
+fn next_generation(floor: u64) -> u64 {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = protocol::unix_ms().max(floor);
     let mut last = LAST.load(Relaxed);
     loop {
         let next = now.max(last + 1);
@@ -85,10 +84,21 @@ pub struct Counters {
     pub connections_refused: AtomicU64,
     /// Seed host names that resolved to nothing; they are tried again later.
     pub seed_resolve_failures: AtomicU64,
+    /// New incarnations begun to refute claims about this node that it did not make.
+    pub refutations: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
 
 impl Counters {
+    pub(crate) fn add(&self, tally: Tally) {
+        let Tally {
+            implausible,
+            refutations,
+        } = tally;
+        self.rejected[Rejection::Implausible as usize].fetch_add(implausible, Relaxed);
+        self.refutations.fetch_add(refutations, Relaxed);
+    }
+
     pub fn reject(&self, reason: Rejection) {
         self.rejected[reason as usize].fetch_add(1, Relaxed);
     }
@@ -470,9 +480,11 @@ impl<T: Transport> Boot<T> {
             name: name_tx,
         } = self;
         shared.local.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(name);
-        shared
-            .cluster()
-            .begin_incarnation(name.to_string(), next_generation(), stopped_for);
+        {
+            let mut cluster = shared.cluster();
+            let generation = next_generation(cluster.generation() + 1);
+            cluster.begin_incarnation(name.to_string(), generation, stopped_for);
+        }
         tasks.spawn(accept_loop(
             shared.clone(),
             listener,
@@ -571,14 +583,31 @@ async fn gossip_loop<T: Transport>(
             Duration::ZERO
         };
         last_tick = now;
-        let (convicted, targets, (membership, versions)) = {
+        let (convicted, targets, (membership, versions), tally, disputes) = {
             let mut cluster = shared.cluster();
             (
                 cluster.tick(now, stall, &mut rng),
                 cluster.gossip_targets(&shared.seeds, &mut rng),
                 cluster.compact_digest(),
+                cluster.take_tally(),
+                cluster.take_disputes(),
             )
         };
+        shared.counters.add(tally);
+        if tally.refutations > 0 {
+            shared.push_wanted.notify_one();
+        }
+        // Each owner alone can tell whether what we hold of it is true (see `Cluster::refute`).
+        for (owner, ours) in disputes {
+            let shared = shared.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = exchange::push(&shared, vec![ours], vec![owner]) => {}
+                }
+            });
+        }
         for suspicion in convicted {
             let shared = shared.clone();
             let cancel = cancel.clone();
@@ -622,7 +651,7 @@ async fn push_loop<T: Transport>(shared: Arc<Shared<T>>, cancel: CancellationTok
             let mut cluster = shared.cluster();
             let targets = cluster.broadcast_targets(&mut rng);
             if targets.is_empty() {
-                // Kept until an exchange brings peers (see `wake_pusher`).
+                // Kept until an exchange brings peers (see `exchange::absorb`).
                 continue;
             }
             (cluster.take_unpushed(), targets)

@@ -12,10 +12,16 @@
 //! Invariant: for every known node, `max_version` is a version up to which this node holds every
 //! key's latest value. Deltas are accepted only when they start at or below it, so a gap can
 //! never be papered over.
+//!
+//! Nothing from the network is believed beyond what time allows (see [`Plausible`]), and nothing
+//! about ourselves is believed at all: a claim about this node that it did not make (a higher
+//! generation, or in its own generation a higher heartbeat or version, `left`, or keys it never
+//! wrote) is beaten by a new incarnation above it, at most one per round (see `refute`). Its true
+//! state then replaces the claim everywhere, as after a restart.
 
 use crate::config::Settings;
 use crate::detector::{DetectorConfig, PhiDetector};
-use crate::peers::{Member, Membership, Peer, PeerTable, Slot};
+use crate::peers::{FnvBuild, Member, Membership, Name, Peer, PeerTable, Slot};
 use crate::store::NodeState;
 use crate::wire::{DigestEntry, NodeDelta, Request};
 use bytes::Bytes;
@@ -23,7 +29,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 /// What the engine tells its owner, in the order it happened.
@@ -66,6 +72,53 @@ const CORROBORATION: f64 = 0.75;
 /// How many of a failure's observers announce it, on average.
 const ANNOUNCERS: f64 = 32.0;
 
+/// Heartbeats a node can honestly add per millisecond of its generation: one per gossip round,
+/// and no round is shorter than 1 ms.
+const BEATS_PER_MS: u64 = 1;
+
+/// Versions a node can honestly add per millisecond: ten writes a microsecond, several times
+/// more than `setLocalState` can make.
+const WRITES_PER_MS: u64 = 10_000;
+
+/// Milliseconds since the Unix epoch by the system clock: what generations count.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What another node's counters can have reached by now. A generation is its node's clock at
+/// start, so it may be at most `skew_ms` ahead of ours; heartbeats and versions grow at most
+/// [`BEATS_PER_MS`] and [`WRITES_PER_MS`] from then, counted from twice the skew earlier (clocks
+/// differ both ways, and a refutation may start a generation ahead of its own clock).
+#[derive(Clone, Copy, Debug)]
+struct Plausible {
+    now_ms: u64,
+    skew_ms: u64,
+}
+
+impl Plausible {
+    fn admits(self, generation: u64, heartbeat: u64, max_version: u64) -> bool {
+        let allowance_ms = (self.now_ms + 2 * self.skew_ms).saturating_sub(generation);
+        generation <= self.now_ms + self.skew_ms
+            && heartbeat <= allowance_ms.saturating_mul(BEATS_PER_MS)
+            && max_version <= allowance_ms.saturating_mul(WRITES_PER_MS)
+    }
+}
+
+/// Owners told of disputes per round: each costs a connection, and forged frames can make
+/// disputes about many peers at once.
+const DISPUTES_PER_ROUND: usize = 4;
+
+/// What the cluster refused, or did about claims, since its owner last took the tally.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Node entries (in digests, deltas and positional heartbeats) refused as implausible.
+    pub implausible: u64,
+    /// Incarnations begun to refute claims about this node.
+    pub refutations: u64,
+}
+
 /// A responder's answer to a digest: the SynAck's contents.
 #[derive(Debug, Default)]
 pub struct SynReply {
@@ -101,6 +154,15 @@ pub struct Cluster {
     /// Bumped whenever a peer leaves the table, which moves another into its slot.
     slot_epoch: u64,
     sink: Arc<dyn EventSink>,
+    tally: Tally,
+    /// The highest generation of a claim about ourselves heard and not yet beaten.
+    claim: Option<u64>,
+    /// Set by a refutation, cleared by the next tick: refutations wait for it.
+    refuted_this_round: bool,
+    /// Per peer, what we hold at a version where another copy of it disagreed with ours. Only
+    /// the peer knows which copy is true; it is sent what we hold once a round (see
+    /// `take_disputes`) and refutes it if it is not.
+    disputes: HashMap<Name, NodeDelta, FnvBuild>,
 }
 
 impl Cluster {
@@ -115,11 +177,75 @@ impl Cluster {
             membership: None,
             slot_epoch: 0,
             sink,
+            tally: Tally::default(),
+            claim: None,
+            refuted_this_round: false,
+            disputes: HashMap::default(),
         }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The generation of the current (or last) incarnation; 0 before the first.
+    pub fn generation(&self) -> u64 {
+        self.local.generation
+    }
+
+    fn plausible(&self) -> Plausible {
+        Plausible {
+            now_ms: unix_ms(),
+            skew_ms: self.settings.max_clock_skew.as_millis() as u64,
+        }
+    }
+
+    /// Refusals and refutations since the last call.
+    pub fn take_tally(&mut self) -> Tally {
+        std::mem::take(&mut self.tally)
+    }
+
+    /// Notes a claim about ourselves, at `generation`, that we did not make.
+    fn heard_claim(&mut self, generation: u64) {
+        self.claim = self.claim.max(Some(generation));
+    }
+
+    /// Beats every claim heard about us with a new incarnation above the highest: peers replace
+    /// all they hold of us with our true state (local keys kept, re-versioned, pushed at once).
+    /// At most one per round, so a flood of forged frames costs one incarnation a round; claims
+    /// heard meanwhile wait for the next tick. A node that left corrects nothing.
+    fn refute(&mut self) {
+        if self.refuted_this_round {
+            return;
+        }
+        let Some(claim) = self.claim.take() else {
+            return;
+        };
+        if claim < self.local.generation || self.local.left {
+            return;
+        }
+        let generation = unix_ms().max(claim + 1);
+        self.begin_incarnation(self.name.clone(), generation, Duration::ZERO);
+        self.refuted_this_round = true;
+        self.tally.refutations += 1;
+    }
+
+    /// What we hold of peers at versions where copies disagreed, each for its owner to check,
+    /// live or not (a forged `left` makes it look failed), at most [`DISPUTES_PER_ROUND`].
+    pub fn take_disputes(&mut self) -> Vec<(String, NodeDelta)> {
+        let owners: Vec<Name> = self
+            .disputes
+            .keys()
+            .take(DISPUTES_PER_ROUND)
+            .cloned()
+            .collect();
+        owners
+            .into_iter()
+            .filter_map(|owner| {
+                let delta = self.disputes.remove(&owner)?;
+                Some((owner.to_string(), delta))
+            })
+            .collect()
     }
 
     /// Starts a new incarnation. Local keys are kept and re-versioned under the new generation,
@@ -230,6 +356,8 @@ impl Cluster {
     /// failure convicts it at about the same time, so only about `ANNOUNCERS` of them, at
     /// random, announce it: one failure costs a few broadcasts, not one per node.
     pub fn tick(&mut self, now: Instant, stall: Duration, rng: &mut impl Rng) -> Vec<Suspicion> {
+        self.refuted_this_round = false;
+        self.refute();
         self.local.heartbeat += 1;
         let settings = &self.settings;
         let mut convicted = Vec::new();
@@ -412,7 +540,12 @@ impl Cluster {
             generation,
             from_version,
         };
+        let plausible = self.plausible();
         for (index, (name, generation, heartbeat, max_version, slot)) in entries.enumerate() {
+            if !plausible.admits(generation, heartbeat, max_version) {
+                self.tally.implausible += 1;
+                continue;
+            }
             let slot = match slot {
                 Some(slot) => slot,
                 None if self.is_forgotten(name, generation) => continue,
@@ -425,9 +558,18 @@ impl Cluster {
                     }
                 },
             };
-            // Nobody knows more about us than we do: never ask about ourselves.
+            // Nobody knows more about us than we do: never ask about ourselves, and anything
+            // newer than what we hold is a claim to refute.
             let is_self = slot == Slot::Local;
             let node = self.node_at(slot);
+            if is_self
+                && (generation > node.generation
+                    || generation == node.generation
+                        && (heartbeat > node.heartbeat || max_version > node.max_version))
+            {
+                self.heard_claim(generation);
+                continue;
+            }
             if node.generation > generation {
                 reply.deltas.push(node.delta(name, 0, &mut budget));
             } else if node.generation < generation {
@@ -452,6 +594,7 @@ impl Cluster {
                 }
             }
         }
+        self.refute();
         reply
     }
 
@@ -465,10 +608,22 @@ impl Cluster {
     ) -> Vec<NodeDelta> {
         self.apply_deltas(reply.deltas, now);
         if let Some(membership) = membership {
+            let plausible = self.plausible();
             for pair in reply.heartbeats.chunks_exact(2) {
                 let Some(member) = membership.members.get(pair[0] as usize) else {
                     continue;
                 };
+                if !plausible.admits(member.generation, pair[1], 0) {
+                    self.tally.implausible += 1;
+                    continue;
+                }
+                if member.slot == Slot::Local {
+                    if member.generation == self.local.generation && pair[1] > self.local.heartbeat
+                    {
+                        self.heard_claim(member.generation);
+                    }
+                    continue;
+                }
                 // Slots stay valid until a peer is removed; after that, look the name up.
                 let slot = match member.slot {
                     Slot::Peer(i) if membership.slot_epoch == self.slot_epoch => i,
@@ -482,6 +637,7 @@ impl Cluster {
                     self.observe_heartbeat(slot, pair[1], now);
                 }
             }
+            self.refute();
         }
         let mut budget = self.settings.delta_budget();
         reply
@@ -500,14 +656,43 @@ impl Cluster {
     }
 
     /// Applies deltas from any message.
-    pub fn apply_deltas(&mut self, deltas: Vec<NodeDelta>, now: Instant) {
+    pub fn apply_deltas(&mut self, mut deltas: Vec<NodeDelta>, now: Instant) {
+        self.retain_plausible(&mut deltas);
         for delta in deltas {
-            self.apply_delta(delta, now);
+            if delta.name == self.name {
+                self.check_claims(&delta);
+            } else {
+                self.apply_delta(delta, now);
+            }
+        }
+        self.refute();
+    }
+
+    /// Drops, and counts, the deltas whose counters no honest node could have reached yet, so
+    /// that a Push relays only what its receiver believed.
+    pub fn retain_plausible(&mut self, deltas: &mut Vec<NodeDelta>) {
+        let plausible = self.plausible();
+        let before = deltas.len();
+        deltas.retain(|d| plausible.admits(d.generation, d.heartbeat, d.to_version));
+        self.tally.implausible += (before - deltas.len()) as u64;
+    }
+
+    /// A delta about ourselves: anything in it that we did not say is a claim.
+    fn check_claims(&mut self, delta: &NodeDelta) {
+        let local = &self.local;
+        if delta.generation > local.generation
+            || delta.generation == local.generation
+                && (delta.heartbeat > local.heartbeat
+                    || delta.to_version > local.max_version
+                    || delta.left && !local.left
+                    || !local.confirms(delta))
+        {
+            self.heard_claim(delta.generation);
         }
     }
 
     fn apply_delta(&mut self, delta: NodeDelta, now: Instant) {
-        if delta.name == self.name || self.is_forgotten(&delta.name, delta.generation) {
+        if self.is_forgotten(&delta.name, delta.generation) {
             return;
         }
         let sink = &self.sink;
@@ -554,11 +739,13 @@ impl Cluster {
             }
         };
         let state = &mut peer.state;
-        if delta.from_version > state.max_version
-            || delta.to_version <= state.max_version && !delta.left
-        {
+        if delta.from_version > state.max_version {
             return;
         }
+        // `left` travels like a write, so it counts only with the versions that carry it; and
+        // versions we passed already must agree with ours, or one of the copies is forged.
+        let raises = delta.to_version > state.max_version;
+        let mut disputed = None;
         for kv in delta.kvs {
             if kv.version > state.max_version {
                 sink.emit(Event::Update {
@@ -567,10 +754,16 @@ impl Cluster {
                     value: &kv.value,
                 });
                 state.insert(kv.key, kv.version, kv.value);
+            } else if disputed.is_none() && !state.admits(&kv) {
+                disputed = Some(kv.version);
             }
         }
+        if let Some(version) = disputed {
+            let ours = state.at_version(&delta.name, version);
+            self.disputes.entry(peer.name.clone()).or_insert(ours);
+        }
         state.max_version = state.max_version.max(delta.to_version);
-        if delta.left && !state.left {
+        if raises && delta.left && !state.left {
             state.left = true;
             if peer.live {
                 fail(peer, now, sink.as_ref());
@@ -1372,5 +1565,463 @@ mod tests {
             }
             assert!(rounds <= 15, "seed {seed}: {rounds} rounds");
         }
+    }
+
+    /// A cluster of nodes on ports 1..=n that started an hour ago and know each other, driven in
+    /// rounds as the node's tasks drive it: each round every node ticks, reports its disputes,
+    /// and exchanges with one other at random; every broadcast (a Push of fresh changes to each
+    /// live peer, a dispute to its owner) is delivered at once. All of it through the real
+    /// encoder and decoder.
+    struct World {
+        nodes: Vec<TestNode>,
+        now: Instant,
+        rng: SmallRng,
+        tally: Tally,
+    }
+
+    /// `message` encoded by `from` and decoded again, as a receiver gets it.
+    fn through_wire(message: wire::Message, from: &str) -> wire::Message {
+        let bytes = wire::encode("gossiper", from, &message);
+        wire::decode(
+            &bytes::BytesMut::from(&bytes[..]),
+            "gossiper",
+            &Limits::default(),
+        )
+        .expect("well-formed")
+        .1
+    }
+
+    impl World {
+        fn new(n: usize, seed: u64) -> World {
+            let now = Instant::now();
+            let started = unix_ms() - 3_600_000;
+            let nodes = (1..=n)
+                .map(|p| node(p as u16, started + p as u64, now))
+                .collect();
+            let mut world = World {
+                nodes,
+                now,
+                rng: SmallRng::seed_from_u64(seed),
+                tally: Tally::default(),
+            };
+            for _ in 0..10 {
+                world.round();
+            }
+            for i in 0..n {
+                assert_eq!(world.nodes[i].cluster.peer_names(Some(true)).len(), n - 1);
+                world.nodes[i].events.take();
+            }
+            world
+        }
+
+        fn name(&self, i: usize) -> String {
+            self.nodes[i].cluster.name().to_owned()
+        }
+
+        fn round(&mut self) {
+            self.now += Duration::from_secs(1);
+            for i in 0..self.nodes.len() {
+                self.nodes[i]
+                    .cluster
+                    .tick(self.now, Duration::ZERO, &mut test_rng());
+                for (owner, ours) in self.nodes[i].cluster.take_disputes() {
+                    let to = self.index(&owner);
+                    self.deliver(to, vec![ours], i);
+                }
+                let others = self.nodes.len() - 1;
+                let j = (i + 1 + self.rng.gen_range(0..others)) % self.nodes.len();
+                let (a, b) = if i < j {
+                    let (l, r) = self.nodes.split_at_mut(j);
+                    (&mut l[i].cluster, &mut r[0].cluster)
+                } else {
+                    let (l, r) = self.nodes.split_at_mut(i);
+                    (&mut r[0].cluster, &mut l[j].cluster)
+                };
+                exchange(a, b, self.now);
+                self.flush();
+            }
+        }
+
+        fn index(&self, name: &str) -> usize {
+            self.nodes
+                .iter()
+                .position(|n| n.cluster.name() == name)
+                .expect("a node of this world")
+        }
+
+        /// A Push of `deltas` from node `from` to node `to`.
+        fn deliver(&mut self, to: usize, deltas: Vec<NodeDelta>, from: usize) {
+            let push = wire::Message::Push {
+                deltas,
+                forward_to: vec![],
+            };
+            let wire::Message::Push { deltas, .. } = through_wire(push, &self.name(from)) else {
+                unreachable!()
+            };
+            self.nodes[to].cluster.apply_deltas(deltas, self.now);
+        }
+
+        /// Delivers every node's waiting changes to each peer it holds live, until none wait.
+        fn flush(&mut self) {
+            while let Some(i) = (0..self.nodes.len()).find(|&i| {
+                self.nodes[i].cluster.has_unpushed()
+                    && !self.nodes[i].cluster.peer_names(Some(true)).is_empty()
+            }) {
+                let deltas = self.nodes[i].cluster.take_unpushed();
+                for peer in self.nodes[i].cluster.peer_names(Some(true)) {
+                    let to = self.index(&peer);
+                    self.deliver(to, deltas.clone(), i);
+                }
+            }
+            for node in &mut self.nodes {
+                let tally = node.cluster.take_tally();
+                self.tally.implausible += tally.implausible;
+                self.tally.refutations += tally.refutations;
+            }
+        }
+
+        /// One forged frame, a Push of `delta`, sent to node `to` by a stranger.
+        fn forge(&mut self, to: usize, delta: NodeDelta) {
+            let push = wire::Message::Push {
+                deltas: vec![delta],
+                forward_to: vec![],
+            };
+            let wire::Message::Push { deltas, .. } = through_wire(push, "10.9.9.9:9") else {
+                unreachable!()
+            };
+            self.nodes[to].cluster.apply_deltas(deltas, self.now);
+            self.flush();
+        }
+
+        /// The delta node `owner` would send of itself from its max version, as a forger
+        /// copies it from any digest.
+        fn honest_tip(&self, owner: usize) -> NodeDelta {
+            let digest = &self.nodes[owner].cluster.digest()[0];
+            NodeDelta {
+                name: digest.name.clone(),
+                generation: digest.generation,
+                heartbeat: digest.heartbeat,
+                from_version: digest.max_version,
+                to_version: digest.max_version,
+                left: false,
+                kvs: vec![],
+            }
+        }
+
+        fn write(&mut self, owner: usize, key: &str, value: &str) {
+            self.nodes[owner].cluster.set_local(key, msgpack(value));
+            self.flush();
+        }
+
+        /// Every other node holds `owner` live in its true generation, no heartbeat ahead of
+        /// its own, and with `value` under `key`.
+        fn all_hear(&self, owner: usize, key: &str, value: &str) -> bool {
+            let name = self.name(owner);
+            let truth = &self.nodes[owner].cluster.local;
+            (0..self.nodes.len()).filter(|&i| i != owner).all(|i| {
+                let cluster = &self.nodes[i].cluster;
+                cluster.peers.get(&name).is_some_and(|p| {
+                    p.live
+                        && p.state.generation == truth.generation
+                        && p.state.heartbeat <= truth.heartbeat
+                }) && cluster.node_value(&name, key) == Some(&msgpack(value))
+            })
+        }
+
+        /// Rounds until every node holds `owner`'s true state, live, with its `value` under
+        /// `key` (0 when they already do), at most `limit`.
+        fn rounds_until_heard(
+            &mut self,
+            owner: usize,
+            key: &str,
+            value: &str,
+            limit: usize,
+        ) -> usize {
+            let mut rounds = 0;
+            while !self.all_hear(owner, key, value) {
+                assert!(rounds < limit, "not heard within {limit} rounds");
+                self.round();
+                rounds += 1;
+            }
+            rounds
+        }
+
+        fn failures(&self) -> Vec<String> {
+            self.nodes
+                .iter()
+                .flat_map(|n| n.events.take())
+                .filter(|e| e.starts_with("peer_failed"))
+                .collect()
+        }
+    }
+
+    const SEEDS: [u64; 5] = [1, 2, 3, 4, 5];
+
+    #[test]
+    fn an_honest_cluster_hears_no_claims_and_refuses_nothing() {
+        for seed in SEEDS {
+            let mut world = World::new(6, seed);
+            for round in 0..30 {
+                let writer = round % 6;
+                world.write(writer, &format!("k{}", round % 4), &format!("{round}"));
+                world.round();
+            }
+            assert_eq!(world.tally, Tally::default(), "seed {seed}");
+            assert!(world.nodes.iter().all(|n| n.cluster.disputes.is_empty()));
+            assert!(world.failures().is_empty(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn counters_are_judged_against_the_clock() {
+        let plausible = Plausible {
+            now_ms: 1_000_000_000,
+            skew_ms: 60_000,
+        };
+        // A generation up to the skew ahead of our clock, not further.
+        assert!(plausible.admits(1_000_060_000, 0, 0));
+        assert!(!plausible.admits(1_000_060_001, 0, 0));
+        assert!(!plausible.admits(wire::MAX_COUNTER, 0, 0));
+        // Started an hour ago: a beat a millisecond and ten writes a microsecond at most,
+        // counted from twice the skew before the start.
+        let hour_ago = 1_000_000_000 - 3_600_000;
+        assert!(plausible.admits(hour_ago, 3_720_000, 37_200_000_000));
+        assert!(!plausible.admits(hour_ago, 3_720_001, 0));
+        assert!(!plausible.admits(hour_ago, 0, 37_200_000_001));
+        assert!(!plausible.admits(hour_ago, wire::MAX_COUNTER, 0));
+        // An old generation and tests' small ones are far in the past: wide bounds.
+        assert!(plausible.admits(1, 1 << 20, 1 << 40));
+    }
+
+    #[test]
+    fn a_generation_of_2_pow_53_for_a_live_node_is_refused_and_one_within_the_skew_refuted() {
+        for seed in SEEDS {
+            let mut world = World::new(5, seed);
+            let d = 3;
+            let mut forged = world.honest_tip(d);
+            forged.generation = wire::MAX_COUNTER;
+            world.forge(0, forged);
+            assert_eq!(world.tally.implausible, 1);
+            world.write(d, "k", "after");
+            assert_eq!(world.rounds_until_heard(d, "k", "after", 1), 0);
+
+            // Within the skew, the forged generation wins at the node it reaches...
+            let mut forged = world.honest_tip(d);
+            forged.generation = unix_ms() + 30_000;
+            forged.from_version = 0;
+            forged.to_version = 0;
+            let claimed = forged.generation;
+            world.forge(0, forged);
+            assert_eq!(
+                world.nodes[0].cluster.peer_infos(world.now)[d - 1].generation,
+                claimed
+            );
+            // ... until D hears of it, and starts a new incarnation above it.
+            world.write(d, "k", "later");
+            let rounds = world.rounds_until_heard(d, "k", "later", 3);
+            eprintln!("seed {seed}: generation within the skew: heard again after {rounds} rounds");
+            assert_eq!(world.tally.refutations, 1, "seed {seed}");
+            assert!(world.nodes[d].cluster.generation() > claimed);
+            assert!(world.failures().is_empty(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_of_2_pow_53_is_refused_and_a_plausible_one_refuted() {
+        for seed in SEEDS {
+            let mut world = World::new(5, seed);
+            let d = 2;
+            let mut forged = world.honest_tip(d);
+            forged.heartbeat = wire::MAX_COUNTER;
+            world.forge(1, forged);
+            assert_eq!(world.tally.implausible, 1);
+
+            // Without a refutation, node 1 would hear no rise of D's heartbeat for 11 days.
+            let mut forged = world.honest_tip(d);
+            forged.heartbeat += 1_000_000;
+            world.forge(1, forged);
+            world.write(d, "k", "after");
+            let rounds = world.rounds_until_heard(d, "k", "after", 3);
+            eprintln!("seed {seed}: heartbeat raised: heard again after {rounds} rounds");
+            assert_eq!(world.tally.refutations, 1, "seed {seed}");
+            for _ in 0..30 {
+                world.round();
+            }
+            assert!(world.failures().is_empty(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_max_version_of_2_pow_53_is_refused_and_a_plausible_one_refuted() {
+        for seed in SEEDS {
+            let mut world = World::new(5, seed);
+            let d = 4;
+            world.write(d, "k", "before");
+            let mut forged = world.honest_tip(d);
+            forged.to_version = wire::MAX_COUNTER;
+            world.forge(0, forged);
+            assert_eq!(world.tally.implausible, 1);
+            world.write(d, "k", "after");
+            assert_eq!(world.rounds_until_heard(d, "k", "after", 1), 0);
+
+            let mut forged = world.honest_tip(d);
+            forged.to_version += 1_000_000;
+            world.forge(0, forged);
+            world.write(d, "k", "later");
+            let rounds = world.rounds_until_heard(d, "k", "later", 3);
+            eprintln!("seed {seed}: max version raised: heard again after {rounds} rounds");
+            assert_eq!(world.tally.refutations, 1, "seed {seed}");
+            assert!(world.failures().is_empty(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_forged_write_at_the_next_version_is_refuted_even_after_the_owner_wrote_it_too() {
+        for seed in SEEDS {
+            let mut world = World::new(5, seed);
+            let d = 1;
+            world.write(d, "k", "before");
+            let mut forged = world.honest_tip(d);
+            forged.to_version += 1;
+            forged.kvs.push(KeyValue {
+                key: "k".into(),
+                version: forged.to_version,
+                value: msgpack("forged"),
+            });
+            // To every node but D, before D's own next write of that key: the same version.
+            for i in (0..5).filter(|&i| i != d) {
+                world.forge(i, forged.clone());
+            }
+            world.write(d, "k", "after");
+            assert!(world.nodes.iter().all(|n| n.cluster.disputes.len() <= 1));
+            let rounds = world.rounds_until_heard(d, "k", "after", 3);
+            eprintln!("seed {seed}: colliding write: heard again after {rounds} rounds");
+            assert_eq!(world.tally.refutations, 1, "seed {seed}");
+            assert_eq!(
+                world.nodes[d].cluster.local_value("k"),
+                Some(&msgpack("after"))
+            );
+
+            // Forged to one node while D writes nothing: D hears a version above its own.
+            let mut forged = world.honest_tip(d);
+            forged.to_version += 1;
+            forged.kvs.push(KeyValue {
+                key: "k".into(),
+                version: forged.to_version,
+                value: msgpack("forged"),
+            });
+            world.forge(2, forged);
+            for _ in 0..3 {
+                world.round();
+            }
+            assert_eq!(world.tally.refutations, 2, "seed {seed}");
+            assert_eq!(world.rounds_until_heard(d, "k", "after", 1), 0);
+            assert!(world.failures().is_empty(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_forged_left_is_refuted_and_the_node_returns_to_live() {
+        for seed in SEEDS {
+            let mut world = World::new(5, seed);
+            let d = 0;
+            let name = world.name(d);
+            // `left` without the version that carries it is not taken at all.
+            let mut forged = world.honest_tip(d);
+            forged.left = true;
+            world.forge(4, forged.clone());
+            assert!(world.failures().is_empty());
+
+            forged.to_version += 1;
+            world.forge(4, forged);
+            assert_eq!(world.failures(), [format!("peer_failed {name}")]);
+            world.write(d, "k", "after");
+            let rounds = world.rounds_until_heard(d, "k", "after", 3);
+            eprintln!("seed {seed}: left: live and heard again after {rounds} rounds");
+            assert_eq!(world.tally.refutations, 1, "seed {seed}");
+            assert!(world.nodes[4]
+                .events
+                .take()
+                .contains(&format!("peer_alive {name}")));
+        }
+    }
+
+    #[test]
+    fn a_node_does_not_refute_its_own_earlier_incarnations() {
+        let mut world = World::new(4, 1);
+        let d = 2;
+        let name = world.name(d);
+        world.write(d, "k", "v1");
+        // A graceful stop, then a restart: peers hold the old generation, left, for a while.
+        world.nodes[d].cluster.leave();
+        world.flush();
+        let old = world.nodes[d].cluster.generation();
+        world.nodes[d]
+            .cluster
+            .begin_incarnation(name.clone(), old + 1000, Duration::ZERO);
+        // Before the new incarnation is pushed, D hears its old one, left, everywhere.
+        for i in [0, 1, 3] {
+            let digest = world.nodes[i].cluster.digest();
+            world.nodes[d].cluster.handle_syn(&digest, world.now);
+        }
+        world.flush();
+        world.write(d, "k", "v2");
+        world.rounds_until_heard(d, "k", "v2", 2);
+        for _ in 0..5 {
+            world.round();
+        }
+        assert_eq!(world.tally.refutations, 0);
+        assert_eq!(world.nodes[d].cluster.generation(), old + 1000);
+    }
+
+    #[test]
+    fn a_flood_of_claims_costs_one_incarnation_a_round_and_every_claim_is_beaten() {
+        let mut world = World::new(3, 1);
+        let d = 1;
+        let base = unix_ms() + 10_000;
+        for k in 0..100 {
+            let mut forged = world.honest_tip(d);
+            forged.generation = base + 10 * k;
+            forged.from_version = 0;
+            forged.to_version = 0;
+            world.forge(d, forged);
+        }
+        // The first claim is beaten at once; the rest wait for the next round.
+        assert_eq!(world.tally.refutations, 1);
+        assert_eq!(world.nodes[d].cluster.generation(), base + 1);
+        world.round();
+        assert_eq!(world.tally.refutations, 2);
+        assert!(world.nodes[d].cluster.generation() > base + 990);
+        for _ in 0..5 {
+            world.round();
+        }
+        assert_eq!(world.tally.refutations, 2);
+        world.write(d, "k", "v");
+        assert_eq!(world.rounds_until_heard(d, "k", "v", 1), 0);
+    }
+
+    #[test]
+    fn a_node_whose_clock_runs_ahead_beyond_the_skew_is_refused_unless_the_option_allows_it() {
+        let now = Instant::now();
+        let ahead = unix_ms() + 120_000;
+        let mut fast = node(9, ahead, now);
+        let mut a = node(1, 1, now);
+        exchange(&mut fast.cluster, &mut a.cluster, now);
+        assert!(a.cluster.peer_names(None).is_empty());
+        assert!(a.cluster.take_tally().implausible >= 1);
+        // Only entries about that node are refused: it still learns of the others.
+        assert_eq!(fast.cluster.peer_names(None), ["127.0.0.1:1"]);
+
+        let settings = Settings {
+            max_clock_skew: Duration::from_secs(180),
+            ..Settings::default()
+        };
+        let mut tolerant = Cluster::new(Arc::new(settings), Arc::new(Recorder::default()));
+        tolerant.begin_incarnation("127.0.0.1:2".into(), 1, Duration::ZERO);
+        exchange(&mut fast.cluster, &mut tolerant, now);
+        assert!(tolerant
+            .peer_names(Some(true))
+            .contains(&"127.0.0.1:9".to_string()));
+        assert_eq!(tolerant.take_tally(), Tally::default());
     }
 }

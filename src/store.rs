@@ -2,7 +2,9 @@
 //! wrote it, indexed by version so that "everything after version v" costs what it returns.
 //!
 //! Invariant: `by_version` holds exactly one entry per key, at that key's current version, and
-//! `max_version` is at least every version held.
+//! `max_version` is at least every version held. Two honest copies of one node's state, taken at
+//! different times, therefore never disagree about a version both have passed: [`NodeState::admits`]
+//! checks that, so that a forged write colliding with a real one shows.
 
 use crate::peers::FnvBuild;
 use crate::wire::{DigestEntry, KeyValue, NodeDelta};
@@ -57,6 +59,41 @@ impl NodeState {
             })
     }
 
+    /// Whether `kv`, said to be this node's write at a version this state has passed, can be
+    /// true: the key is held at that version with that value, or was written again later (and
+    /// no other key holds that version).
+    pub(crate) fn admits(&self, kv: &KeyValue) -> bool {
+        match self.kvs.get(&kv.key) {
+            Some(held) if held.version == kv.version => held.value == kv.value,
+            Some(held) => held.version > kv.version && !self.by_version.contains_key(&kv.version),
+            None => false,
+        }
+    }
+
+    /// Whether `delta`, said to be of this very state's node and generation, tells its owner's
+    /// truth about the versions the owner has written: every key it carries is admitted, and
+    /// every key the owner holds in its range is carried. Only the owner can tell the second:
+    /// another copy may be older, and miss keys written again since.
+    pub(crate) fn confirms(&self, delta: &NodeDelta) -> bool {
+        let end = delta.to_version.min(self.max_version);
+        let carried = |version: &u64| {
+            delta
+                .kvs
+                .binary_search_by_key(version, |kv| kv.version)
+                .is_ok()
+        };
+        delta
+            .kvs
+            .iter()
+            .filter(|kv| kv.version <= end)
+            .all(|kv| self.admits(kv))
+            && (delta.from_version >= end
+                || self
+                    .by_version
+                    .range(delta.from_version + 1..=end)
+                    .all(|(version, _)| carried(version)))
+    }
+
     pub fn keys(&self) -> Vec<String> {
         self.by_version.values().cloned().collect()
     }
@@ -67,6 +104,25 @@ impl NodeState {
             generation: self.generation,
             heartbeat: self.heartbeat,
             max_version: self.max_version,
+        }
+    }
+
+    /// What this state holds at `version` alone (at least 1): the delta from `version - 1`,
+    /// with the key written at `version` if it is still held there.
+    pub(crate) fn at_version(&self, name: &str, version: u64) -> NodeDelta {
+        let kvs = self.by_version.get(&version).map(|key| KeyValue {
+            key: key.clone(),
+            version,
+            value: self.kvs[key].value.clone(),
+        });
+        NodeDelta {
+            name: name.to_owned(),
+            generation: self.generation,
+            heartbeat: self.heartbeat,
+            from_version: version - 1,
+            to_version: version,
+            left: self.left && version == self.max_version,
+            kvs: kvs.into_iter().collect(),
         }
     }
 

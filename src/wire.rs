@@ -169,10 +169,14 @@ pub enum Rejection {
     OutOfBounds,
     /// Well-formed, but not the message this point of the exchange expects.
     Unexpected,
+    /// Counters no honest node could have reached yet (a generation too far ahead of our clock,
+    /// a heartbeat or version beyond what the time since that generation allows). Counted per
+    /// node entry refused, the rest of the frame is used: see `Cluster` in `protocol.rs`.
+    Implausible,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 9] = [
+    pub const ALL: [Rejection; 10] = [
         Rejection::Malformed,
         Rejection::Oversized,
         Rejection::WrongVersion,
@@ -182,6 +186,7 @@ impl Rejection {
         Rejection::BadKeyValue,
         Rejection::OutOfBounds,
         Rejection::Unexpected,
+        Rejection::Implausible,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -195,6 +200,7 @@ impl Rejection {
             Rejection::BadKeyValue => "badKeyValue",
             Rejection::OutOfBounds => "outOfBounds",
             Rejection::Unexpected => "unexpected",
+            Rejection::Implausible => "implausible",
         }
     }
 }
