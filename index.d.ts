@@ -35,6 +35,11 @@ export type Value =
 export interface GossiperEvents {
   /** A peer's key got a new value, as this node learns it (a fast series of writes may arrive as its last value only). */
   update: [peer: string, key: string, value: Value]
+  /**
+   * A peer deleted a key (or let it expire), as this node learns it: once per deletion, in order
+   * with the peer's updates. Never for this node's own deletions, nor for a key this node never saw.
+   */
+  delete: [peer: string, key: string]
   /** A peer was heard of for the first time. */
   new_peer: [peer: string]
   /** A peer reported failed is heard from again (heartbeats resumed, or it restarted). */
@@ -76,6 +81,12 @@ export interface GossiperOptions {
   maxInterval?: number
   /** Milliseconds after which a failed (or departed) peer is forgotten. Default 86400000 (24 h). */
   deadPeerTtl?: number
+  /**
+   * Milliseconds a deletion is remembered (as a tombstone) before it is forgotten. A node that
+   * was away for longer gets this node's whole state on its return instead of the changes;
+   * either way deleted keys stay deleted. Default 3600000 (1 h).
+   */
+  tombstoneTtl?: number
   /** Branching of the tree that broadcasts fresh writes, departures and new incarnations at once (1-64). Default 4. */
   pushFanout?: number
   /** Milliseconds allowed for an outgoing connection (and for announcing a stop). Default 2000. */
@@ -125,6 +136,14 @@ export interface PeerDetail {
   left: boolean
   /** Current suspicion level of the failure detector; it is failed above `phiThreshold`. */
   phi: number
+  /** The peer's collection horizon known here: the highest version whose deletion the peer has forgotten. */
+  horizon: number
+}
+
+/** Options of `setLocalState`. */
+export interface SetLocalStateOptions {
+  /** Milliseconds (1 to a year) after which this node deletes the key, unless it is written again meanwhile. */
+  ttl?: number
 }
 
 /** Reasons an inbound frame is dropped. */
@@ -219,14 +238,21 @@ export declare class Gossiper extends EventEmitter {
   ref(): this
 
   /**
-   * Sets a key of this node's state; peers receive it as an 'update' event. Throws, storing
-   * nothing: a TypeError for a key that is not a non-empty string, or that has a lone surrogate
-   * (`ERR_INVALID_ARG_VALUE`), or for a value that cannot be carried exactly (see `Value`; the
-   * message names the path to the offending part); a RangeError (`ERR_OUT_OF_RANGE`) for a key
-   * over `maxKeyBytes` UTF-8 bytes or a value whose encoding passes `maxValueBytes`, detected as
-   * soon as it does (a huge array, string or Buffer by its length alone).
+   * Sets a key of this node's state; peers receive it as an 'update' event. With `ttl`, this node
+   * deletes the key when it expires (by its own clock); writing the key again without `ttl`
+   * cancels the expiry. Throws, storing nothing: a TypeError for a key that is not a non-empty
+   * string, or that has a lone surrogate (`ERR_INVALID_ARG_VALUE`), for a value that cannot be
+   * carried exactly (see `Value`; the message names the path to the offending part), or for
+   * options other than `{ ttl }`; a RangeError (`ERR_OUT_OF_RANGE`) for a key over `maxKeyBytes`
+   * UTF-8 bytes, a value whose encoding passes `maxValueBytes`, detected as soon as it does (a
+   * huge array, string or Buffer by its length alone), or a `ttl` out of range.
    */
-  setLocalState(key: string, value: Value): void
+  setLocalState(key: string, value: Value, options?: SetLocalStateOptions): void
+  /**
+   * Deletes a key of this node's state; peers receive a 'delete' event. True when the key
+   * existed. Keys are checked as by `getLocalState`.
+   */
+  deleteLocalState(key: string): boolean
   /** This node's value of a key. Keys are checked as by `setLocalState`, limits aside. */
   getLocalState(key: string): Value | undefined
   /**
@@ -248,30 +274,37 @@ export declare class Gossiper extends EventEmitter {
   stats(): GossiperStats
 
   on(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  on(event: 'delete', listener: (this: this, peer: string, key: string) => void): this
   on(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
   on<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
 
   once(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  once(event: 'delete', listener: (this: this, peer: string, key: string) => void): this
   once(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
   once<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
 
   off(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  off(event: 'delete', listener: (this: this, peer: string, key: string) => void): this
   off(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
   off<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
 
   addListener(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  addListener(event: 'delete', listener: (this: this, peer: string, key: string) => void): this
   addListener(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
   addListener<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
 
   prependListener(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  prependListener(event: 'delete', listener: (this: this, peer: string, key: string) => void): this
   prependListener(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
   prependListener<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
 
   removeListener(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
+  removeListener(event: 'delete', listener: (this: this, peer: string, key: string) => void): this
   removeListener(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
   removeListener<E extends string | symbol>(event: E extends GossiperEventName ? never : E, listener: (...args: any[]) => void): this
 
   emit(event: 'update', peer: string, key: string, value: Value): boolean
+  emit(event: 'delete', peer: string, key: string): boolean
   emit(event: 'new_peer' | 'peer_alive' | 'peer_failed', peer: string): boolean
   emit<E extends string | symbol>(event: E extends GossiperEventName ? never : E, ...args: any[]): boolean
 }

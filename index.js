@@ -5,7 +5,7 @@
 const { EventEmitter } = require('node:events')
 const net = require('node:net')
 const { encodeValue, decodeValue, Decoder, checkWellFormed } = require('./values')
-const { NativeGossiper, optionSpecs, otherOptionNames } = loadNative()
+const { NativeGossiper, optionSpecs, otherOptionNames, MAX_TTL_MS } = loadNative()
 
 function loadNative() {
   try {
@@ -30,6 +30,10 @@ const DEFAULTS = Object.freeze({
   clusterName: 'gossiper',
 })
 
+// Event records from the engine (src/binding.rs, EventBatch): kinds 0 and 4 are groups of
+// updates and deletions of one peer; the others name one peer.
+const UPDATES = 0
+const DELETES = 4
 const EVENT_NAMES = [undefined, 'new_peer', 'peer_alive', 'peer_failed']
 
 // Started gossipers stay reachable even if the caller drops them, as a listening server does.
@@ -123,6 +127,20 @@ function checkKey(key, maxBytes = undefined) {
 
 function keyTooLong(maxBytes) {
   return rangeError(`The "key" argument must be at most ${maxBytes} bytes (the maxKeyBytes option)`)
+}
+
+// The options of setLocalState: only `ttl`, in ms. Returns the ttl, or undefined.
+function checkSetOptions(options) {
+  if (options === undefined) return undefined
+  if (typeof options !== 'object' || options === null || Array.isArray(options)) {
+    throw typeError(`The "options" argument must be an object. Received ${describe(options)}`)
+  }
+  for (const key of Object.keys(options)) {
+    if (key !== 'ttl') throw typeError(`The option "${key}" is not known. Known options: ttl`, 'ERR_INVALID_ARG_VALUE')
+  }
+  if (options.ttl === undefined) return undefined
+  checkNumber('options.ttl', options.ttl, 1, MAX_TTL_MS)
+  return options.ttl
 }
 
 function checkPeer(peer) {
@@ -257,12 +275,23 @@ class Gossiper extends EventEmitter {
     return this
   }
 
-  setLocalState(key, value) {
+  /**
+   * Sets a key of this node. With `{ ttl }` (ms), this node deletes the key once the ttl has
+   * passed, unless it is written again meanwhile (a write without ttl keeps it for good).
+   */
+  setLocalState(key, value, options = undefined) {
     const { maxKeyBytes, maxValueBytes } = this._options
     checkKey(key, maxKeyBytes)
+    const ttl = checkSetOptions(options)
     // Stops, with a RangeError, as soon as the encoding would pass maxValueBytes.
     const encoded = encodeValue(value, 'value', maxValueBytes, 'maxValueBytes')
-    this._native.setLocalState(key, encoded)
+    this._native.setLocalState(key, encoded, ttl)
+  }
+
+  /** Deletes a key of this node; peers receive a 'delete' event. True when the key existed. */
+  deleteLocalState(key) {
+    checkKey(key)
+    return this._native.deleteLocalState(key)
   }
 
   getLocalState(key) {
@@ -305,7 +334,7 @@ class Gossiper extends EventEmitter {
 
   _receive(batch) {
     if (batch.length === 0 || this._stopped) return
-    this._backlog.push({ decoder: new Decoder(batch), peer: undefined, remaining: 0 })
+    this._backlog.push({ decoder: new Decoder(batch), kind: undefined, peer: undefined, remaining: 0 })
     if (this._backlog.length === 1) this._drain()
   }
 
@@ -321,13 +350,14 @@ class Gossiper extends EventEmitter {
           while (cursor.remaining > 0) {
             cursor.remaining--
             const key = d.next()
-            this.emit('update', cursor.peer, key, d.next())
+            if (cursor.kind === UPDATES) this.emit('update', cursor.peer, key, d.next())
+            else this.emit('delete', cursor.peer, key)
           }
           if (d.done()) break
-          const kind = d.next()
+          cursor.kind = d.next()
           cursor.peer = d.next()
-          if (kind === 0) cursor.remaining = d.next()
-          else this.emit(EVENT_NAMES[kind], cursor.peer)
+          if (cursor.kind === UPDATES || cursor.kind === DELETES) cursor.remaining = d.next()
+          else this.emit(EVENT_NAMES[cursor.kind], cursor.peer)
         }
         this._backlog.shift()
       }

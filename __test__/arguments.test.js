@@ -163,6 +163,41 @@ test('keys and peer names with a lone surrogate are refused, not merged into U+F
   assert.deepEqual(g.peerKeys('127.0.0.1:1\uFFFD'), [])
 })
 
+test('setLocalState options and deleteLocalState: bad arguments are rejected naming them', () => {
+  const g = new Gossiper({ ...FAST, port: 0 })
+  for (const ttl of [0, -1, 366 * 24 * 3600e3, Infinity]) {
+    assert.throws(() => g.setLocalState('k', 1, { ttl }), { ...rangeError(/"options.ttl"/), code: 'ERR_OUT_OF_RANGE' }, String(ttl))
+  }
+  for (const ttl of ['1000', NaN, null, {}]) {
+    assert.throws(() => g.setLocalState('k', 1, { ttl }), { ...typeError(/"options.ttl"/), code: 'ERR_INVALID_ARG_TYPE' }, String(ttl))
+  }
+  for (const options of [1000, 'ttl', null, [1000]]) {
+    assert.throws(() => g.setLocalState('k', 1, options), typeError(/"options"/), String(options))
+  }
+  assert.throws(() => g.setLocalState('k', 1, { expires: 5 }), { ...typeError(/"expires"/), code: 'ERR_INVALID_ARG_VALUE' })
+  assert.equal(g.getLocalState('k'), undefined, 'no write on a refused call')
+  g.setLocalState('k', 1, { ttl: 0.5e3 })
+  g.setLocalState('k', 2, {})
+  g.setLocalState('k', 3, { ttl: undefined })
+  assert.equal(g.getLocalState('k'), 3)
+
+  for (const key of [42, null, undefined]) {
+    assert.throws(() => g.deleteLocalState(key), typeError(/"key"/), String(key))
+  }
+  assert.throws(() => g.deleteLocalState(''), { ...typeError(/"key".*empty/), code: 'ERR_INVALID_ARG_VALUE' })
+  assert.equal(g.deleteLocalState('k'), true)
+  assert.equal(g.deleteLocalState('k'), false)
+  assert.equal(g.deleteLocalState('never-set'), false)
+  assert.equal(g.getLocalState('k'), undefined)
+
+  for (const tombstoneTtl of [0, 0.5, -1, Infinity]) {
+    assert.throws(() => new Gossiper({ tombstoneTtl }), rangeError(/"tombstoneTtl"/), String(tombstoneTtl))
+  }
+  assert.throws(() => new Gossiper({ tombstoneTtl: '1h' }), typeError(/"tombstoneTtl"/))
+  assert.equal(new Gossiper({ tombstoneTtl: 500 }).options.tombstoneTtl, 500)
+  assert.equal(new Gossiper().options.tombstoneTtl, 3600e3)
+})
+
 test('peer arguments of the readers must be strings', () => {
   const g = new Gossiper({ ...FAST, port: 0 })
   assert.throws(() => g.peerValue(42, 'k'), typeError(/"peer"/))

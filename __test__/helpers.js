@@ -114,7 +114,7 @@ async function stopAll(gossipers, timeoutMs = 10000) {
 /** Records every event of a gossiper, in order, as [name, ...args]. */
 function record(gossiper) {
   const events = []
-  for (const name of ['update', 'new_peer', 'peer_alive', 'peer_failed']) {
+  for (const name of ['update', 'delete', 'new_peer', 'peer_alive', 'peer_failed']) {
     gossiper.on(name, (...args) => events.push([name, ...args]))
   }
   return events

@@ -2,11 +2,11 @@
 // Benchmark harness: gossipers on loopback, one Node process per job.
 //
 //   node bench/run.js [--preset quick|full] [--n 20,100] [--interval ms] [--duration s]
-//                     [--trials k] [--scenarios membership,propagation,steady,throughput,failure,stability]
+//                     [--trials k] [--scenarios membership,propagation,steady,throughput,churn,failure,stability]
 //                     [--svg dir] [--smoke]
 //
 // Each job runs in a fresh worker process (this file, forked with --worker): one job per N
-// (membership, propagation, steady, stability), one for throughput, one for failure. Process-wide
+// (membership, propagation, steady, stability), one each for throughput, churn and failure. Process-wide
 // figures (CPU, RSS) then belong to one job, and a job that hangs is killed without taking the
 // rest down. Jobs run one after another. Results stream out as `BENCH {json}` lines on stdout;
 // a table follows at the end. Progress goes to stderr.
@@ -19,13 +19,13 @@ const path = require('node:path')
 const fs = require('node:fs')
 const { fork } = require('node:child_process')
 
-const ALL_SCENARIOS = ['membership', 'propagation', 'steady', 'throughput', 'failure', 'stability']
+const ALL_SCENARIOS = ['membership', 'propagation', 'steady', 'throughput', 'churn', 'failure', 'stability']
 const CLUSTER_SCENARIOS = ['membership', 'propagation', 'steady', 'stability']
 
 const PRESETS = {
-  quick: { ns: [20, 100], durationS: 10, trials: 3, interval: 1000, keys: 200000, settleIntervals: 2 },
-  full: { ns: [20, 100, 300, 1000], durationS: 60, trials: 3, interval: 1000, keys: 200000, settleIntervals: 10 },
-  smoke: { ns: [20, 100], durationS: 2, trials: 1, interval: 250, keys: 200000, settleIntervals: 2 },
+  quick: { ns: [20, 100], durationS: 10, trials: 3, interval: 1000, keys: 200000, cycles: 1e6, settleIntervals: 2 },
+  full: { ns: [20, 100, 300, 1000], durationS: 60, trials: 3, interval: 1000, keys: 200000, cycles: 1e6, settleIntervals: 10 },
+  smoke: { ns: [20, 100], durationS: 2, trials: 1, interval: 250, keys: 200000, cycles: 2e4, settleIntervals: 2 },
 }
 
 const USAGE = `usage: node bench/run.js [--preset quick|full] [--n 20,100] [--interval ms] [--duration s]
@@ -82,6 +82,7 @@ function planJobs(config) {
     }
   }
   if (scenarios.includes('throughput')) jobs.push({ kind: 'throughput', label: 'throughput', interval, keys, expects: [['throughput', 2]] })
+  if (scenarios.includes('churn')) jobs.push({ kind: 'churn', label: 'churn', interval, cycles: config.cycles, expects: [['churn', 2]] })
   if (scenarios.includes('failure')) jobs.push({ kind: 'failure', label: 'failure', interval, settleIntervals, expects: [['failure', 20, 'kill'], ['failure', 20, 'stop']] })
   return jobs
 }
@@ -93,6 +94,7 @@ function jobBudgetMs(job) {
   const slack = 90e3
   if (job.kind === 'cluster') return b.membershipMs + job.trials * (b.propagationMs + job.interval) + job.durationS * 1000 + slack
   if (job.kind === 'throughput') return b.membershipMs + b.throughputMs + slack
+  if (job.kind === 'churn') return b.membershipMs + 2 * b.churnMs + slack
   return 3 * b.membershipMs + 2 * (b.detectionMs + job.settleIntervals * job.interval + 30e3) + slack
 }
 
@@ -154,7 +156,7 @@ function runJob(job, onResult) {
 
 async function worker(job) {
   const scenarios = require('./scenarios')
-  const run = { cluster: scenarios.runCluster, throughput: scenarios.runThroughput, failure: scenarios.runFailure }[job.kind]
+  const run = { cluster: scenarios.runCluster, throughput: scenarios.runThroughput, churn: scenarios.runChurn, failure: scenarios.runFailure }[job.kind]
   const emit = (result) => process.send({ type: 'result', result })
   try {
     await run(job, emit)
@@ -201,6 +203,13 @@ function figures(r) {
       return `${r.received}/${r.keys} keys at B; ${kilo(r.updatesPerSec)} updates/s first->last at B; ` +
         `last update ${orTimeout(r.lastUpdateMs, r.timeoutS)} after first write (${kilo(r.endToEndPerSec)}/s end to end); ` +
         `write loop ${duration(r.writeLoopMs)} (${kilo(r.writesPerSec)}/s); peak RSS ${r.peakRssMB} MB`
+    case 'churn': {
+      const [first, second] = r.passes
+      const after = r.passes.map((p) => `${p.rssAfterMB} MB`).join(' -> ')
+      return `${r.cycles} set+delete cycles x${r.passes.length} at ${kilo(first?.cyclesPerSec ?? null)}/s; ` +
+        `RSS ${r.baselineRssMB} MB before, ${after} once collected everywhere (peak ${Math.max(...r.passes.map((p) => p.peakRssMB))} MB); ` +
+        `collected ${duration(second?.collectedAfterMs ?? first?.collectedAfterMs)} after the last (tombstoneTtl ${r.tombstoneTtl} ms)`
+    }
     case 'failure': {
       const how = r.mode === 'kill' ? 'SIGKILL' : 'stop()'
       const s = (x) => (x === null ? `>${r.timeoutS} s (timeout)` : duration(x * 1000))
@@ -268,7 +277,7 @@ async function main() {
     }
   }
 
-  const TABLE_ORDER = ['membership', 'propagation', 'steady', 'stability', 'throughput', 'failure']
+  const TABLE_ORDER = ['membership', 'propagation', 'steady', 'stability', 'throughput', 'churn', 'failure']
   const order = (r) => TABLE_ORDER.indexOf(r.scenario)
   const sorted = [...results].sort((a, b) => order(a) - order(b) || a.n - b.n)
   console.log()

@@ -3,6 +3,7 @@
 // one per job), so process-wide figures (CPU, RSS) belong to that job alone:
 //   runCluster    N gossipers: membership, propagation, steady (+ stability)
 //   runThroughput two gossipers: 200,000 writes on A delivered to B
+//   runChurn      two gossipers: a million set/delete cycles on A, twice; memory after each
 //   runFailure    19 gossipers + one in a child process (bench/child.js): SIGKILL, then stop()
 // A job reports through `emit(result)`: one result per scenario, { scenario, n, status, ... },
 // status being 'ok', 'timeout' (a figure hit its bound; the bound is in the result) or
@@ -28,6 +29,7 @@ function bounds(interval, n) {
     propagationMs: Math.max(120e3, 120 * interval),
     detectionMs: Math.max(120e3, 120 * interval),
     throughputMs: 120e3,
+    churnMs: 300e3,
   }
 }
 
@@ -325,6 +327,81 @@ async function runThroughput(job, emit) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Job: churn. A sets and deletes `cycles` distinct keys (a session that opens and closes), in
+// two passes, with tombstoneTtl 1 s; B follows. After each pass, once B's view of A has settled
+// (A collected every tombstone and B learned it), RSS is sampled. The same figure after both
+// passes means nothing accumulates.
+
+const CHURN_TOMBSTONE_TTL = 1000
+
+async function runChurn(job, emit) {
+  const { interval, cycles } = job
+  const limits = bounds(interval, 2)
+  const base = { n: 2, interval }
+  let peak = process.memoryUsage().rss
+  const sampleRss = () => { peak = Math.max(peak, process.memoryUsage().rss) }
+  const options = { ...EXTRA, port: 0, address: HOST, gossipInterval: interval, tombstoneTtl: CHURN_TOMBSTONE_TTL }
+  const a = new Gossiper(options)
+  await a.start()
+  const b = new Gossiper({ ...options, seeds: [a.peer_name] })
+  await b.start()
+  try {
+    const m = await waitMembership([a, b], [a.peer_name, b.peer_name], { since: now(), timeoutMs: limits.membershipMs, pollMs: 20 })
+    if (m.timedOut) throw new Error(`A and B did not see each other live within ${limits.membershipMs / 1000} s`)
+    let deletesAtB = 0
+    b.on('delete', (peer) => { if (peer === a.peer_name) deletesAtB++ })
+    const viewOfA = () => b.peerDetails().find((d) => d.name === a.peer_name)
+    const baselineRss = process.memoryUsage().rss
+    const passes = []
+    let status = 'ok'
+    for (let pass = 0; pass < 2 && status === 'ok'; pass++) {
+      peak = process.memoryUsage().rss
+      const start = now()
+      for (let i = 0; i < cycles; i++) {
+        const key = `session-${pass}-${i}`
+        a.setLocalState(key, i)
+        a.deleteLocalState(key)
+        // Let pushes, exchanges and collection run as they would between requests.
+        if (i % 10000 === 9999) {
+          sampleRss()
+          await sleep(0)
+        }
+      }
+      const loopMs = now() - start
+      sampleRss()
+      // Collection is over once B's view of A (max version, horizon) has stopped moving for a
+      // while after the last tombstone expired: every collection takes a version of its own.
+      const loopEnd = now()
+      const deadline = loopEnd + limits.churnMs
+      const quiet = CHURN_TOMBSTONE_TTL + 2 * interval
+      let view = viewOfA()
+      let lastChange = loopEnd
+      for (;;) {
+        await sleep(20)
+        sampleRss()
+        const next = viewOfA()
+        if (next?.maxVersion !== view?.maxVersion || next?.horizon !== view?.horizon) lastChange = now()
+        view = next
+        const settled = now() - lastChange >= quiet && now() - loopEnd >= quiet
+        if (settled && view?.horizon > 0 && b.peerKeys(a.peer_name).length === 0) break
+        if (now() > deadline) { status = 'timeout'; break }
+      }
+      passes.push({
+        loopMs: round1(loopMs), cyclesPerSec: Math.round(cycles / (loopMs / 1000)),
+        collectedAfterMs: round1(lastChange - loopEnd), peakRssMB: mb(peak), rssAfterMB: mb(process.memoryUsage().rss),
+      })
+    }
+    emit({
+      scenario: 'churn', ...base, status, timeoutS: limits.churnMs / 1000, cycles, tombstoneTtl: CHURN_TOMBSTONE_TTL,
+      baselineRssMB: mb(baselineRss), passes, deletesAtB, bytesSentByA: a.stats().bytesSent,
+    })
+  } finally {
+    const stopped = await stopAll([a, b])
+    emit({ scenario: 'shutdown', ...base, status: stopped.timedOut ? 'timeout' : 'ok', ms: round1(stopped.ms) })
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Job: failure detection. 19 gossipers here, the 20th in bench/child.js.
 
 /** Forks bench/child.js; resolves a handle once it reports its name. */
@@ -438,4 +515,4 @@ async function runFailure(job, emit) {
   }
 }
 
-module.exports = { runCluster, runThroughput, runFailure, bounds }
+module.exports = { runCluster, runThroughput, runChurn, runFailure, bounds }

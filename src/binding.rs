@@ -18,6 +18,11 @@ use napi_derive::napi;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// The longest TTL a key may be written with, in milliseconds (a year); the shortest is 1.
+#[napi]
+pub const MAX_TTL_MS: f64 = 365.0 * 24.0 * 3600e3;
 
 /// One row of the option table (see `config::NUMERIC_OPTIONS`), for `index.js`.
 #[napi(object)]
@@ -58,6 +63,7 @@ pub struct NativePeerInfo {
     pub live: bool,
     pub left: bool,
     pub phi: f64,
+    pub horizon: f64,
 }
 
 #[napi(object)]
@@ -79,38 +85,33 @@ pub struct NativeStats {
 }
 
 /// Pending events, encoded as consecutive MessagePack records:
-/// `0, peer, count, (key, value) × count` for updates of one peer in version order, and
-/// `1, peer` / `2, peer` / `3, peer` for new_peer, peer_alive, peer_failed.
+/// `0, peer, count, (key, value) × count` for updates of one peer in version order,
+/// `4, peer, count, key × count` for its deletions, and `1, peer` / `2, peer` / `3, peer` for
+/// new_peer, peer_alive, peer_failed. Updates and deletions of one peer that follow each other
+/// alternate between groups, so their order is kept.
 #[derive(Default)]
 struct EventBatch {
     bytes: Vec<u8>,
-    /// The update record being extended: its peer and where its fixed-width count sits.
-    open_group: Option<(String, usize)>,
+    /// The group being extended: its kind, its peer and where its fixed-width count sits.
+    open_group: Option<(u8, String, usize)>,
     call_pending: bool,
 }
+
+const UPDATES: u8 = 0;
+const DELETES: u8 = 4;
 
 impl EventBatch {
     fn push(&mut self, event: Event<'_>) {
         let (kind, peer) = match event {
             Event::Update { peer, key, value } => {
-                match &self.open_group {
-                    Some((open, at)) if open == peer => {
-                        let at = *at;
-                        let count = u32::from_be_bytes(
-                            self.bytes[at + 1..at + 5].try_into().unwrap_or_default(),
-                        );
-                        self.bytes[at + 1..at + 5].copy_from_slice(&(count + 1).to_be_bytes());
-                    }
-                    _ => {
-                        self.bytes.push(0);
-                        write_str(&mut self.bytes, peer);
-                        let at = self.bytes.len();
-                        self.bytes.extend_from_slice(&[0xce, 0, 0, 0, 1]);
-                        self.open_group = Some((peer.to_owned(), at));
-                    }
-                }
+                self.extend_group(UPDATES, peer);
                 write_str(&mut self.bytes, key);
                 self.bytes.extend_from_slice(value);
+                return;
+            }
+            Event::Delete { peer, key } => {
+                self.extend_group(DELETES, peer);
+                write_str(&mut self.bytes, key);
                 return;
             }
             Event::NewPeer(peer) => (1, peer),
@@ -120,6 +121,25 @@ impl EventBatch {
         self.open_group = None;
         self.bytes.push(kind);
         write_str(&mut self.bytes, peer);
+    }
+
+    /// Counts one more entry in the open group of `kind` for `peer`, or opens one.
+    fn extend_group(&mut self, kind: u8, peer: &str) {
+        match &self.open_group {
+            Some((open_kind, open_peer, at)) if *open_kind == kind && open_peer == peer => {
+                let at = *at;
+                let count =
+                    u32::from_be_bytes(self.bytes[at + 1..at + 5].try_into().unwrap_or_default());
+                self.bytes[at + 1..at + 5].copy_from_slice(&(count + 1).to_be_bytes());
+            }
+            _ => {
+                self.bytes.push(kind);
+                write_str(&mut self.bytes, peer);
+                let at = self.bytes.len();
+                self.bytes.extend_from_slice(&[0xce, 0, 0, 0, 1]);
+                self.open_group = Some((kind, peer.to_owned(), at));
+            }
+        }
     }
 }
 
@@ -366,11 +386,24 @@ impl NativeGossiper {
         self.node.is_stopping()
     }
 
-    /// Returns false when the value equals the current one. Errors carry the rejection reason.
+    /// Returns false when the value equals the current one. `ttl_ms`, if given, must be from 1
+    /// to [`MAX_TTL_MS`]. Errors carry the rejection reason.
     #[napi]
-    pub fn set_local_state(&self, key: String, value: Buffer) -> Result<bool> {
+    pub fn set_local_state(&self, key: String, value: Buffer, ttl_ms: Option<f64>) -> Result<bool> {
+        let ttl = match ttl_ms {
+            None => None,
+            Some(ms) if (1.0..=MAX_TTL_MS).contains(&ms) => {
+                Some(Duration::from_secs_f64(ms / 1000.0))
+            }
+            Some(ms) => {
+                return Err(Error::new(
+                    Status::InvalidArg,
+                    format!("ttl must be >= 1 and <= {MAX_TTL_MS} ms. Received {ms}"),
+                ))
+            }
+        };
         self.node
-            .set_local(&key, Bytes::copy_from_slice(&value))
+            .set_local(&key, Bytes::copy_from_slice(&value), ttl)
             .map_err(|reason| {
                 let what = match reason {
                     Rejection::BadKeyValue => "key or value outside the configured limits",
@@ -378,6 +411,12 @@ impl NativeGossiper {
                 };
                 Error::new(Status::InvalidArg, what.to_owned())
             })
+    }
+
+    /// True when the key existed.
+    #[napi]
+    pub fn delete_local_state(&self, key: String) -> bool {
+        self.node.delete_local(&key)
     }
 
     #[napi]
@@ -416,6 +455,7 @@ impl NativeGossiper {
                 live: p.live,
                 left: p.left,
                 phi: p.phi,
+                horizon: p.horizon as f64,
             })
             .collect()
     }

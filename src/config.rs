@@ -42,6 +42,7 @@ pub const NUMERIC_OPTIONS: &[NumericOption] = &[
     option("phiThreshold", 8.0, 0.1, 1000.0, false),
     option("maxInterval", 10e3, 1.0, 65e3, true),
     option("deadPeerTtl", DAY_MS, 1.0, 365.0 * DAY_MS, true),
+    option("tombstoneTtl", 3600e3, 1.0, 365.0 * DAY_MS, true),
     option("pushFanout", 4.0, 1.0, 64.0, true),
     option("connectTimeout", 2000.0, 1.0, 600e3, true),
     option("idleTimeout", 5000.0, 1.0, 600e3, true),
@@ -119,6 +120,9 @@ pub struct Settings {
     pub detector: DetectorConfig,
     /// A peer failed for this long is forgotten, and its generation ignored for as long again.
     pub dead_peer_ttl: Duration,
+    /// How long a deletion is remembered as a tombstone before it is forgotten (collected). A
+    /// node away for longer gets the owner's whole state on return instead of a delta.
+    pub tombstone_ttl: Duration,
     pub limits: Limits,
     /// Branching of the push tree: a fresh change goes to this many peers at once, each of which
     /// forwards it to its share of the rest.
@@ -172,6 +176,7 @@ impl Settings {
             phi_threshold: get("phiThreshold"),
             detector: DetectorConfig::for_interval(gossip_interval, ms("maxInterval")),
             dead_peer_ttl: ms("deadPeerTtl"),
+            tombstone_ttl: ms("tombstoneTtl"),
             limits: Limits {
                 max_frame_bytes: get("maxFrameBytes") as usize,
                 max_key_bytes: get("maxKeyBytes") as usize,
@@ -225,6 +230,7 @@ mod tests {
         assert_eq!(settings.gossip_interval, Duration::from_secs(1));
         assert_eq!(settings.limits.max_frame_bytes, 4 << 20);
         assert_eq!(settings.dead_peer_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(settings.tombstone_ttl, Duration::from_secs(3600));
         assert_eq!(settings.cluster_name, "gossiper");
     }
 

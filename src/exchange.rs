@@ -207,27 +207,30 @@ async fn connect<T: Transport>(shared: &Shared<T>, target: &Target) -> Option<T:
     }
 }
 
-/// Initiator side of one push-pull exchange: a CompactSyn first, the named digest if the
-/// responder's membership differs.
+/// Initiator side of one push-pull exchange: a CompactSyn first when we have one (see
+/// `Cluster::compact_digest`), the named digest if not or if the responder's membership differs.
 pub(crate) async fn exchange<T: Transport>(
     shared: &Shared<T>,
     target: Target,
-    membership: Arc<Membership>,
-    versions: Vec<u64>,
+    compact: Option<(Arc<Membership>, Vec<u64>)>,
 ) {
     let Some(mut conn) = connect(shared, &target).await else {
         return;
     };
-    let compact = Message::CompactSyn {
-        membership_hash: membership.hash,
-        versions,
-    };
-    if send(shared, &mut conn, &compact).await.is_err() {
-        return;
+    let (membership, versions) = compact.unzip();
+    let mut positions = membership.as_deref();
+    let mut response = None;
+    if let (Some(membership), Some(versions)) = (positions, versions) {
+        let message = Message::CompactSyn {
+            membership_hash: membership.hash,
+            versions,
+        };
+        if send(shared, &mut conn, &message).await.is_err() {
+            return;
+        }
+        response = receive(shared, &mut conn).await;
     }
-    let mut response = receive(shared, &mut conn).await;
-    let mut positions = Some(&*membership);
-    if let Some((_, Message::NeedDigest)) = response {
+    if positions.is_none() || matches!(response, Some((_, Message::NeedDigest))) {
         let digest = shared.cluster().digest();
         if send(shared, &mut conn, &Message::Syn { digest })
             .await

@@ -426,14 +426,31 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    /// Writes a local key and pushes it at once if running. False when nothing changed.
-    pub fn set_local(&self, key: &str, value: Bytes) -> Result<bool, Rejection> {
+    /// Writes a local key, deleted by this node `ttl` from now if given, and pushes it at once
+    /// if running. False when nothing changed.
+    pub fn set_local(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<bool, Rejection> {
         wire::check_key_value(key, &value, &self.shared.settings.limits)?;
-        let changed = self.shared.cluster().set_local(key, value);
+        let expires_at = ttl.map(|ttl| Instant::now() + ttl);
+        let changed = self.shared.cluster().set_local(key, value, expires_at);
         if changed {
             self.shared.push_wanted.notify_one();
         }
         Ok(changed)
+    }
+
+    /// Deletes a local key and pushes the deletion at once if running. False when the key did
+    /// not exist.
+    pub fn delete_local(&self, key: &str) -> bool {
+        let deleted = self.shared.cluster().delete_local(key, Instant::now());
+        if deleted {
+            self.shared.push_wanted.notify_one();
+        }
+        deleted
     }
 
     pub fn with_cluster<R>(&self, f: impl FnOnce(&Cluster) -> R) -> R {
@@ -583,7 +600,7 @@ async fn gossip_loop<T: Transport>(
             Duration::ZERO
         };
         last_tick = now;
-        let (convicted, targets, (membership, versions), tally, disputes) = {
+        let (convicted, targets, compact, tally, disputes, unpushed) = {
             let mut cluster = shared.cluster();
             (
                 cluster.tick(now, stall, &mut rng),
@@ -591,10 +608,12 @@ async fn gossip_loop<T: Transport>(
                 cluster.compact_digest(),
                 cluster.take_tally(),
                 cluster.take_disputes(),
+                cluster.has_unpushed(),
             )
         };
         shared.counters.add(tally);
-        if tally.refutations > 0 {
+        // A refutation, keys past their TTL and collected tombstones are changes to push.
+        if unpushed {
             shared.push_wanted.notify_one();
         }
         // Each owner alone can tell whether what we hold of it is true (see `Cluster::refute`).
@@ -620,12 +639,12 @@ async fn gossip_loop<T: Transport>(
         }
         for target in targets {
             let shared = shared.clone();
-            let (membership, versions) = (membership.clone(), versions.clone());
+            let compact = compact.clone();
             let cancel = cancel.clone();
             tasks.spawn(async move {
                 tokio::select! {
                     _ = cancel.cancelled() => {}
-                    _ = exchange::exchange(&shared, target, membership, versions) => {}
+                    _ = exchange::exchange(&shared, target, compact) => {}
                 }
             });
         }

@@ -9,6 +9,11 @@
 //! responder answers with what the initiator lacks plus requests for what it lacks itself, and
 //! the initiator answers those requests.
 //!
+//! A deletion is a write of a tombstone; the owner forgets its tombstones `tombstone_ttl` after
+//! making them and raises its collection horizon, which travels in deltas. A node whose view of
+//! a peer is older than that horizon gets the peer's whole state instead of a delta, and drops
+//! every key not in it (the rules are in [`crate::store`]); so a deleted key never comes back.
+//!
 //! Invariant: for every known node, `max_version` is a version up to which this node holds every
 //! key's latest value. Deltas are accepted only when they start at or below it, so a gap can
 //! never be papered over.
@@ -22,7 +27,7 @@
 use crate::config::Settings;
 use crate::detector::{DetectorConfig, PhiDetector};
 use crate::peers::{FnvBuild, Member, Membership, Name, Peer, PeerTable, Slot};
-use crate::store::NodeState;
+use crate::store::{Applied, LocalTimers, NodeState, Start};
 use crate::wire::{DigestEntry, NodeDelta, Request};
 use bytes::Bytes;
 use rand::seq::SliceRandom;
@@ -40,6 +45,10 @@ pub enum Event<'a> {
         peer: &'a str,
         key: &'a str,
         value: &'a [u8],
+    },
+    Delete {
+        peer: &'a str,
+        key: &'a str,
     },
     PeerAlive(&'a str),
     PeerFailed(&'a str),
@@ -128,6 +137,18 @@ pub struct SynReply {
     pub heartbeats: Vec<u64>,
 }
 
+/// One node's line of a digest, named or positional.
+struct Entry<'a> {
+    name: &'a str,
+    generation: u64,
+    heartbeat: u64,
+    max_version: u64,
+    /// 0 in a compact digest (see `Cluster::compact_digest`).
+    horizon: u64,
+    /// Known for members of our own membership, which saves looking them up.
+    slot: Option<Slot>,
+}
+
 /// Public view of one peer, for monitoring.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
@@ -138,12 +159,16 @@ pub struct PeerInfo {
     pub live: bool,
     pub left: bool,
     pub phi: f64,
+    /// The peer's collection horizon as known here.
+    pub horizon: u64,
 }
 
 pub struct Cluster {
     settings: Arc<Settings>,
     name: String,
     local: NodeState,
+    /// Deadlines of local keys written with a TTL, and times of local deletions.
+    timers: LocalTimers,
     peers: PeerTable,
     /// Peers dropped after `dead_peer_ttl`: their generation at that time, and when.
     forgotten: HashMap<String, (u64, Instant)>,
@@ -171,6 +196,7 @@ impl Cluster {
             settings,
             name: String::new(),
             local: NodeState::default(),
+            timers: LocalTimers::default(),
             peers: PeerTable::default(),
             forgotten: HashMap::new(),
             unpushed: None,
@@ -248,15 +274,17 @@ impl Cluster {
             .collect()
     }
 
-    /// Starts a new incarnation. Local keys are kept and re-versioned under the new generation,
-    /// so peers replace the previous incarnation's state with them, and the whole local state waits
-    /// to be broadcast. `stopped_for` is not held
+    /// Starts a new incarnation. Live local keys are kept and re-versioned under the new
+    /// generation, so peers replace the previous incarnation's state with them (deleted keys
+    /// included: the new generation does not have them), and the whole local state waits to be
+    /// broadcast. Deadlines of keys written with a TTL carry over. `stopped_for` is not held
     /// against peers we could not hear while stopped.
     pub fn begin_incarnation(&mut self, name: String, generation: u64, stopped_for: Duration) {
         let old = std::mem::replace(&mut self.local, NodeState::new(generation));
-        for (version, (key, value)) in (1..).zip(old.into_entries()) {
+        for (version, (key, value)) in (1..).zip(old.into_live_entries()) {
             self.local.insert(key, version, value);
         }
+        self.timers.forget_deletions();
         self.peers.remove(&name);
         self.name = name;
         self.membership = None;
@@ -268,8 +296,11 @@ impl Cluster {
         }
     }
 
-    /// Writes a local key. Returns false, and changes nothing, when the value is the same.
-    pub fn set_local(&mut self, key: &str, value: Bytes) -> bool {
+    /// Writes a local key that expires at `expires_at`, if given; a write without it clears an
+    /// earlier expiry. Returns false, and writes nothing, when the value is the same (its expiry
+    /// still changes).
+    pub fn set_local(&mut self, key: &str, value: Bytes, expires_at: Option<Instant>) -> bool {
+        self.timers.set_expiry(key, expires_at);
         if self.local.value(key) == Some(&value) {
             return false;
         }
@@ -277,6 +308,35 @@ impl Cluster {
         self.local.insert(key.to_owned(), from + 1, value);
         self.mark_unpushed(from);
         true
+    }
+
+    /// Deletes a local key: a tombstone at the next version, collected `tombstone_ttl` after
+    /// `now`. Returns false, and changes nothing, when the key does not exist.
+    pub fn delete_local(&mut self, key: &str, now: Instant) -> bool {
+        if self.local.value(key).is_none() {
+            return false;
+        }
+        self.timers.set_expiry(key, None);
+        let from = self.local.max_version;
+        self.local.insert(key.to_owned(), from + 1, Bytes::new());
+        self.timers.deleted(from + 1, now);
+        self.mark_unpushed(from);
+        true
+    }
+
+    /// Local keys past their TTL become deletions; tombstones older than `tombstone_ttl` are
+    /// forgotten. Forgetting takes a version of its own (with no key), so the new horizon
+    /// travels like a write.
+    fn expire_and_collect(&mut self, now: Instant) {
+        for key in self.timers.take_expired(now) {
+            self.delete_local(&key, now);
+        }
+        if let Some(through) = self.timers.collectable(now, self.settings.tombstone_ttl) {
+            let from = self.local.max_version;
+            self.local.collect_through(through);
+            self.local.max_version += 1;
+            self.mark_unpushed(from);
+        }
     }
 
     pub fn local_value(&self, key: &str) -> Option<&Bytes> {
@@ -344,6 +404,7 @@ impl Cluster {
                 live: p.live,
                 left: p.state.left,
                 phi: p.detector.phi(now, &self.settings.detector),
+                horizon: p.state.horizon,
             })
             .collect();
         infos.sort_by(|a, b| a.name.cmp(&b.name));
@@ -359,6 +420,7 @@ impl Cluster {
         self.refuted_this_round = false;
         self.refute();
         self.local.heartbeat += 1;
+        self.expire_and_collect(now);
         let settings = &self.settings;
         let mut convicted = Vec::new();
         for peer in self.peers.iter_mut() {
@@ -469,27 +531,31 @@ impl Cluster {
     }
 
     /// A digest by position: `heartbeat, max_version` for each member, in membership order.
-    pub fn compact_digest(&mut self) -> (Arc<Membership>, Vec<u64>) {
+    /// None while a view of ours is being replaced (its horizon is above its max version):
+    /// that horizon must reach the responder, and only the named digest carries it.
+    pub fn compact_digest(&mut self) -> Option<(Arc<Membership>, Vec<u64>)> {
         let membership = self.membership();
         let mut versions = Vec::with_capacity(membership.members.len() * 2);
         for member in &membership.members {
             let node = self.node_at(member.slot);
+            if node.horizon > node.max_version {
+                return None;
+            }
             versions.extend([node.heartbeat, node.max_version]);
         }
-        (membership, versions)
+        Some((membership, versions))
     }
 
     /// Responder side of a named digest: what the initiator lacks (including nodes its digest
     /// does not name) and what to ask of it.
     pub fn handle_syn(&mut self, digest: &[DigestEntry], now: Instant) -> SynReply {
-        let entries = digest.iter().map(|e| {
-            (
-                e.name.as_str(),
-                e.generation,
-                e.heartbeat,
-                e.max_version,
-                None,
-            )
+        let entries = digest.iter().map(|e| Entry {
+            name: &e.name,
+            generation: e.generation,
+            heartbeat: e.heartbeat,
+            max_version: e.max_version,
+            horizon: e.horizon,
+            slot: None,
         });
         let mut reply = self.reconcile(entries, now, false);
         let named: HashSet<&str> = digest.iter().map(|e| e.name.as_str()).collect();
@@ -516,11 +582,20 @@ impl Cluster {
         if membership.hash != membership_hash || versions.len() != membership.members.len() * 2 {
             return None;
         }
+        // A compact digest comes from a node with no view being replaced: none of its views
+        // depends on a horizon above its max version, so 0 stands for every horizon.
         let entries = membership
             .members
             .iter()
             .zip(versions.chunks_exact(2))
-            .map(|(m, v)| (&*m.name, m.generation, v[0], v[1], Some(m.slot)));
+            .map(|(m, v)| Entry {
+                name: &m.name,
+                generation: m.generation,
+                heartbeat: v[0],
+                max_version: v[1],
+                horizon: 0,
+                slot: Some(m.slot),
+            });
         Some(self.reconcile(entries, now, true))
     }
 
@@ -529,20 +604,30 @@ impl Cluster {
     /// from our own membership carry their slot, which saves looking them up.
     fn reconcile<'a>(
         &mut self,
-        entries: impl Iterator<Item = (&'a str, u64, u64, u64, Option<Slot>)>,
+        entries: impl Iterator<Item = Entry<'a>>,
         now: Instant,
         positional: bool,
     ) -> SynReply {
         let mut budget = self.settings.delta_budget();
         let mut reply = SynReply::default();
-        let request = |name: &str, generation, from_version| Request {
+        let request = |name: &str, generation, from_version, horizon| Request {
             name: name.to_owned(),
             generation,
             from_version,
+            horizon,
         };
         let plausible = self.plausible();
-        for (index, (name, generation, heartbeat, max_version, slot)) in entries.enumerate() {
-            if !plausible.admits(generation, heartbeat, max_version) {
+        for (index, entry) in entries.enumerate() {
+            let Entry {
+                name,
+                generation,
+                heartbeat,
+                max_version,
+                horizon,
+                slot,
+            } = entry;
+            // A horizon is a version too.
+            if !plausible.admits(generation, heartbeat, max_version.max(horizon)) {
                 self.tally.implausible += 1;
                 continue;
             }
@@ -553,7 +638,7 @@ impl Cluster {
                 None => match self.peers.slot(name) {
                     Some(i) => Slot::Peer(i),
                     None => {
-                        reply.requests.push(request(name, generation, 0));
+                        reply.requests.push(request(name, generation, 0, 0));
                         continue;
                     }
                 },
@@ -561,11 +646,16 @@ impl Cluster {
             // Nobody knows more about us than we do: never ask about ourselves, and anything
             // newer than what we hold is a claim to refute.
             let is_self = slot == Slot::Local;
+            if let Slot::Peer(i) = slot {
+                self.peers.slots[i].state.learn_horizon(generation, horizon);
+            }
             let node = self.node_at(slot);
             if is_self
                 && (generation > node.generation
                     || generation == node.generation
-                        && (heartbeat > node.heartbeat || max_version > node.max_version))
+                        && (heartbeat > node.heartbeat
+                            || max_version > node.max_version
+                            || horizon > node.horizon))
             {
                 self.heard_claim(generation);
                 continue;
@@ -574,20 +664,28 @@ impl Cluster {
                 reply.deltas.push(node.delta(name, 0, &mut budget));
             } else if node.generation < generation {
                 if !is_self {
-                    reply.requests.push(request(name, generation, 0));
+                    reply.requests.push(request(name, generation, 0, 0));
                 }
             } else {
-                if node.max_version > max_version || (node.heartbeat > heartbeat && !positional) {
-                    reply
-                        .deltas
-                        .push(node.delta(name, max_version, &mut budget));
-                } else if node.heartbeat > heartbeat {
-                    reply.heartbeats.extend([index as u64, node.heartbeat]);
+                let news =
+                    node.max_version > max_version || (node.heartbeat > heartbeat && !positional);
+                match node.delta_start(max_version, horizon) {
+                    Start::Replace => reply.deltas.push(node.delta(name, 0, &mut budget)),
+                    Start::From(from) if news => {
+                        reply.deltas.push(node.delta(name, from, &mut budget))
+                    }
+                    _ if node.heartbeat > heartbeat && positional => {
+                        reply.heartbeats.extend([index as u64, node.heartbeat])
+                    }
+                    _ => {}
                 }
-                if !is_self && max_version > node.max_version {
+                // Ask when the digest's view is newer, or knows of deletions ours may lack.
+                let behind =
+                    max_version > node.max_version || horizon > node.max_version.max(node.horizon);
+                if !is_self && behind {
                     reply
                         .requests
-                        .push(request(name, generation, node.max_version));
+                        .push(request(name, generation, node.max_version, node.horizon));
                 }
                 if let (Slot::Peer(i), true) = (slot, heartbeat > node.heartbeat) {
                     self.observe_heartbeat(i, heartbeat, now);
@@ -639,18 +737,29 @@ impl Cluster {
             }
             self.refute();
         }
+        for r in &reply.requests {
+            if let Some(peer) = self.peers.get_mut(&r.name) {
+                peer.state.learn_horizon(r.generation, r.horizon);
+            }
+        }
         let mut budget = self.settings.delta_budget();
         reply
             .requests
             .iter()
             .filter_map(|r| {
                 let node = self.node(&r.name)?;
-                let from = if node.generation == r.generation {
-                    r.from_version
-                } else {
+                let from = if node.generation > r.generation {
                     0
+                } else if node.generation < r.generation {
+                    return None;
+                } else {
+                    match node.delta_start(r.from_version, r.horizon) {
+                        Start::Replace => 0,
+                        Start::From(from) => from,
+                        Start::Nothing => return None,
+                    }
                 };
-                (node.generation >= r.generation).then(|| node.delta(&r.name, from, &mut budget))
+                Some(node.delta(&r.name, from, &mut budget))
             })
             .collect()
     }
@@ -673,7 +782,7 @@ impl Cluster {
     pub fn retain_plausible(&mut self, deltas: &mut Vec<NodeDelta>) {
         let plausible = self.plausible();
         let before = deltas.len();
-        deltas.retain(|d| plausible.admits(d.generation, d.heartbeat, d.to_version));
+        deltas.retain(|d| plausible.admits(d.generation, d.heartbeat, d.to_version.max(d.horizon)));
         self.tally.implausible += (before - deltas.len()) as u64;
     }
 
@@ -684,6 +793,7 @@ impl Cluster {
             || delta.generation == local.generation
                 && (delta.heartbeat > local.heartbeat
                     || delta.to_version > local.max_version
+                    || delta.horizon > local.horizon
                     || delta.left && !local.left
                     || !local.confirms(delta))
         {
@@ -691,17 +801,22 @@ impl Cluster {
         }
     }
 
-    fn apply_delta(&mut self, delta: NodeDelta, now: Instant) {
+    fn apply_delta(&mut self, mut delta: NodeDelta, now: Instant) {
         if self.is_forgotten(&delta.name, delta.generation) {
             return;
         }
         let sink = &self.sink;
         let detector = &self.settings.detector;
+        // The view this delta's generation replaces, if it is a newer one.
+        let mut previous = None;
         let peer = match self.peers.get_mut(&delta.name) {
             Some(peer) if peer.state.generation > delta.generation => return,
             Some(peer) if peer.state.generation < delta.generation => {
                 self.membership = None;
-                peer.state = NodeState::new(delta.generation);
+                previous = Some(std::mem::replace(
+                    &mut peer.state,
+                    NodeState::new(delta.generation),
+                ));
                 peer.state.heartbeat = delta.heartbeat;
                 peer.detector.reset();
                 peer.detector.heartbeat(now, 1, detector);
@@ -738,32 +853,30 @@ impl Cluster {
                 })
             }
         };
+        let name = std::mem::take(&mut delta.name);
+        let mut changed = |key: &str, value: Option<&[u8]>| {
+            sink.emit(match value {
+                Some(value) => Event::Update {
+                    peer: &name,
+                    key,
+                    value,
+                },
+                None => Event::Delete { peer: &name, key },
+            })
+        };
         let state = &mut peer.state;
-        if delta.from_version > state.max_version {
+        let applied = match &previous {
+            Some(previous) => state.succeed(previous, &mut delta, &mut changed),
+            None => state.apply(&name, &mut delta, &mut changed),
+        };
+        let Some(Applied { raised, disputed }) = applied else {
             return;
-        }
-        // `left` travels like a write, so it counts only with the versions that carry it; and
-        // versions we passed already must agree with ours, or one of the copies is forged.
-        let raises = delta.to_version > state.max_version;
-        let mut disputed = None;
-        for kv in delta.kvs {
-            if kv.version > state.max_version {
-                sink.emit(Event::Update {
-                    peer: &delta.name,
-                    key: &kv.key,
-                    value: &kv.value,
-                });
-                state.insert(kv.key, kv.version, kv.value);
-            } else if disputed.is_none() && !state.admits(&kv) {
-                disputed = Some(kv.version);
-            }
-        }
-        if let Some(version) = disputed {
-            let ours = state.at_version(&delta.name, version);
+        };
+        if let Some(ours) = disputed {
             self.disputes.entry(peer.name.clone()).or_insert(ours);
         }
-        state.max_version = state.max_version.max(delta.to_version);
-        if raises && delta.left && !state.left {
+        // `left` travels like a write, so it counts only with the versions that carry it.
+        if raised && delta.left && !state.left {
             state.left = true;
             if peer.live {
                 fail(peer, now, sink.as_ref());
@@ -912,6 +1025,7 @@ mod tests {
             let text = match event {
                 Event::NewPeer(p) => format!("new_peer {p}"),
                 Event::Update { peer, key, value } => format!("update {peer} {key} {value:02x?}"),
+                Event::Delete { peer, key } => format!("delete {peer} {key}"),
                 Event::PeerAlive(p) => format!("peer_alive {p}"),
                 Event::PeerFailed(p) => format!("peer_failed {p}"),
             };
@@ -1004,6 +1118,19 @@ mod tests {
         b.apply_deltas(deltas, now);
     }
 
+    /// An exchange as `exchange.rs` runs it: a CompactSyn when `a` has one and `b` shares its
+    /// membership, the named digest otherwise.
+    fn exchange_like_a_node(a: &mut Cluster, b: &mut Cluster, now: Instant) {
+        if let Some((membership, versions)) = a.compact_digest() {
+            if let Some(reply) = b.handle_compact_syn(membership.hash, &versions, now) {
+                let answers = a.handle_syn_ack(reply, Some(&membership), now);
+                b.apply_deltas(answers, now);
+                return;
+            }
+        }
+        exchange(a, b, now);
+    }
+
     fn msgpack(s: &str) -> Bytes {
         let mut out = vec![0xa0 | s.len() as u8];
         out.extend_from_slice(s.as_bytes());
@@ -1015,8 +1142,8 @@ mod tests {
         let now = Instant::now();
         let mut a = node(1, 10, now);
         let mut b = node(2, 20, now);
-        a.cluster.set_local("ka", msgpack("1"));
-        b.cluster.set_local("kb", msgpack("2"));
+        a.cluster.set_local("ka", msgpack("1"), None);
+        b.cluster.set_local("kb", msgpack("2"), None);
         exchange(&mut a.cluster, &mut b.cluster, now);
         assert_eq!(
             a.cluster.node_value("127.0.0.1:2", "kb"),
@@ -1044,7 +1171,7 @@ mod tests {
         let mut now = Instant::now();
         let mut a = node(1, 1, now);
         let mut b = node(2, 1, now);
-        let (membership, versions) = a.cluster.compact_digest();
+        let (membership, versions) = a.cluster.compact_digest().unwrap();
         assert!(
             b.cluster
                 .handle_compact_syn(membership.hash, &versions, now)
@@ -1055,9 +1182,9 @@ mod tests {
 
         now += Duration::from_secs(1);
         b.cluster.tick(now, Duration::ZERO, &mut test_rng());
-        b.cluster.set_local("k", msgpack("v"));
+        b.cluster.set_local("k", msgpack("v"), None);
         a.cluster.tick(now, Duration::ZERO, &mut test_rng());
-        let (membership, versions) = a.cluster.compact_digest();
+        let (membership, versions) = a.cluster.compact_digest().unwrap();
         assert_eq!(
             versions,
             [1, 0, 0, 0],
@@ -1080,7 +1207,7 @@ mod tests {
         // A heartbeat-only difference travels as an index, not a named delta.
         now += Duration::from_secs(1);
         b.cluster.tick(now, Duration::ZERO, &mut test_rng());
-        let (membership, versions) = a.cluster.compact_digest();
+        let (membership, versions) = a.cluster.compact_digest().unwrap();
         let reply = b
             .cluster
             .handle_compact_syn(membership.hash, &versions, now)
@@ -1093,7 +1220,7 @@ mod tests {
         // A membership change on either side makes the hash differ.
         let mut c = node(3, 1, now);
         exchange(&mut c.cluster, &mut b.cluster, now);
-        let (membership, versions) = a.cluster.compact_digest();
+        let (membership, versions) = a.cluster.compact_digest().unwrap();
         assert!(b
             .cluster
             .handle_compact_syn(membership.hash, &versions, now)
@@ -1106,7 +1233,7 @@ mod tests {
         let mut a = node(1, 1, now);
         let mut b = node(2, 1, now);
         for (key, value) in [("x", "1"), ("y", "2"), ("x", "3"), ("z", "4")] {
-            a.cluster.set_local(key, msgpack(value));
+            a.cluster.set_local(key, msgpack(value), None);
         }
         exchange(&mut b.cluster, &mut a.cluster, now);
         let updates: Vec<String> = b
@@ -1131,9 +1258,9 @@ mod tests {
     fn equal_value_is_not_a_change() {
         let now = Instant::now();
         let mut a = node(1, 1, now);
-        assert!(a.cluster.set_local("k", msgpack("v")));
+        assert!(a.cluster.set_local("k", msgpack("v"), None));
         a.cluster.take_unpushed();
-        assert!(!a.cluster.set_local("k", msgpack("v")));
+        assert!(!a.cluster.set_local("k", msgpack("v"), None));
         assert!(!a.cluster.has_unpushed());
         assert_eq!(a.cluster.digest()[0].max_version, 1);
     }
@@ -1176,14 +1303,14 @@ mod tests {
         let now = Instant::now();
         let mut a = node(1, 100, now);
         let mut b = node(2, 1, now);
-        a.cluster.set_local("v", msgpack("old"));
-        a.cluster.set_local("gone", msgpack("x"));
+        a.cluster.set_local("v", msgpack("old"), None);
+        a.cluster.set_local("gone", msgpack("x"), None);
         exchange(&mut a.cluster, &mut b.cluster, now);
         let stale_a = a.cluster.digest();
 
         // The process restarts on the same address: a fresh state and a higher generation.
         let mut restarted = node(1, 200, now);
-        restarted.cluster.set_local("v", msgpack("new"));
+        restarted.cluster.set_local("v", msgpack("new"), None);
         exchange(&mut restarted.cluster, &mut b.cluster, now);
         assert_eq!(
             b.cluster.node_value("127.0.0.1:1", "v"),
@@ -1217,6 +1344,7 @@ mod tests {
                     version: 1,
                     value: msgpack("old"),
                 }],
+                horizon: 0,
             }],
             now,
         );
@@ -1230,9 +1358,9 @@ mod tests {
     fn restart_keeps_local_values_under_the_new_generation() {
         let now = Instant::now();
         let mut a = node(1, 1, now);
-        a.cluster.set_local("x", msgpack("1"));
-        a.cluster.set_local("y", msgpack("2"));
-        a.cluster.set_local("x", msgpack("3"));
+        a.cluster.set_local("x", msgpack("1"), None);
+        a.cluster.set_local("y", msgpack("2"), None);
+        a.cluster.set_local("x", msgpack("3"), None);
         a.cluster
             .begin_incarnation("127.0.0.1:1".into(), 2, Duration::ZERO);
         let digest = a.cluster.digest();
@@ -1264,6 +1392,7 @@ mod tests {
                 version,
                 value: msgpack("v"),
             }],
+            horizon: 0,
         };
         b.cluster.apply_deltas(vec![delta(0, 1, 1)], now);
         b.cluster.apply_deltas(vec![delta(5, 6, 6)], now);
@@ -1292,6 +1421,7 @@ mod tests {
             a.set_local(
                 &format!("key{i}"),
                 msgpack("0123456789012345678901234567890"),
+                None,
             );
         }
         let mut rounds = 0;
@@ -1426,6 +1556,7 @@ mod tests {
                 to_version: 0,
                 left: false,
                 kvs: vec![],
+                horizon: 0,
             }],
             now,
         );
@@ -1537,7 +1668,7 @@ mod tests {
             let mut now = Instant::now();
             let seeds = vec!["127.0.0.1:1000".to_string()];
             let mut nodes: Vec<TestNode> = (0..50).map(|i| node(1000 + i, 1, now)).collect();
-            nodes[17].cluster.set_local("hi", msgpack("there"));
+            nodes[17].cluster.set_local("hi", msgpack("there"), None);
             let mut rounds = 0;
             while nodes.iter().any(|n| {
                 n.cluster.peer_names(Some(true)).len() < 49
@@ -1593,10 +1724,21 @@ mod tests {
 
     impl World {
         fn new(n: usize, seed: u64) -> World {
+            World::with_settings(n, seed, Settings::default())
+        }
+
+        fn with_settings(n: usize, seed: u64, settings: Settings) -> World {
             let now = Instant::now();
             let started = unix_ms() - 3_600_000;
+            let settings = Arc::new(settings);
             let nodes = (1..=n)
-                .map(|p| node(p as u16, started + p as u64, now))
+                .map(|p| {
+                    let events = Arc::new(Recorder::default());
+                    let mut cluster = Cluster::new(settings.clone(), events.clone());
+                    let generation = started + p as u64;
+                    cluster.begin_incarnation(format!("127.0.0.1:{p}"), generation, Duration::ZERO);
+                    TestNode { cluster, events }
+                })
                 .collect();
             let mut world = World {
                 nodes,
@@ -1705,11 +1847,14 @@ mod tests {
                 to_version: digest.max_version,
                 left: false,
                 kvs: vec![],
+                horizon: 0,
             }
         }
 
         fn write(&mut self, owner: usize, key: &str, value: &str) {
-            self.nodes[owner].cluster.set_local(key, msgpack(value));
+            self.nodes[owner]
+                .cluster
+                .set_local(key, msgpack(value), None);
             self.flush();
         }
 
@@ -1770,6 +1915,91 @@ mod tests {
             assert!(world.nodes.iter().all(|n| n.cluster.disputes.is_empty()));
             assert!(world.failures().is_empty(), "seed {seed}");
         }
+    }
+
+    #[test]
+    fn deletions_expiries_and_collections_raise_no_claims_and_converge() {
+        for seed in SEEDS {
+            let settings = Settings {
+                tombstone_ttl: Duration::from_secs(5),
+                ..Settings::default()
+            };
+            let mut world = World::with_settings(6, seed, settings);
+            for round in 0..60usize {
+                let owner = round % 6;
+                let key = format!("k{}", round % 5);
+                let cluster = &mut world.nodes[owner].cluster;
+                match round % 3 {
+                    0 => {
+                        cluster.set_local(&key, msgpack("v"), None);
+                    }
+                    1 => {
+                        let expires = world.now + Duration::from_secs(3);
+                        cluster.set_local(&key, msgpack("t"), Some(expires));
+                    }
+                    _ => {
+                        cluster.delete_local(&key, world.now);
+                    }
+                }
+                world.flush();
+                world.round();
+            }
+            for _ in 0..20 {
+                world.round();
+            }
+            assert_eq!(world.tally, Tally::default(), "seed {seed}");
+            assert!(world.nodes.iter().all(|n| n.cluster.disputes.is_empty()));
+            assert!(world.failures().is_empty(), "seed {seed}");
+            for owner in 0..6 {
+                let name = world.name(owner);
+                let truth = world.nodes[owner].cluster.node_keys(&name);
+                for i in 0..6 {
+                    assert_eq!(
+                        world.nodes[i].cluster.node_keys(&name),
+                        truth,
+                        "seed {seed}"
+                    );
+                    let view = world.nodes[i].cluster.node(&name).unwrap();
+                    assert_eq!(view.tombstone_count(), 0, "seed {seed}: all collected");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn honest_copies_older_than_a_collection_are_not_claims() {
+        let mut now = Instant::now();
+        let mut a = node_collecting_after(1, 4 << 20, now);
+        let mut b = node_collecting_after(2, 4 << 20, now);
+        a.cluster.set_local("k", msgpack("1"), None);
+        a.cluster.set_local("j", msgpack("2"), None);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        let mut budget = usize::MAX;
+        let stale = b.cluster.node(A).unwrap().delta(A, 0, &mut budget);
+        a.cluster.delete_local("k", now);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        let tombstone = b.cluster.node(A).unwrap().delta(A, 0, &mut budget);
+        now += Duration::from_secs(11);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        assert_eq!(a.cluster.node(A).unwrap().horizon, 3);
+        // A copy from before the deletion, and one from before its collection: both true once.
+        for copy in [stale, tombstone] {
+            a.cluster.apply_deltas(vec![copy.clone()], now);
+            assert_eq!(a.cluster.claim, None, "{copy:?}");
+            assert_eq!(a.cluster.take_tally(), Tally::default(), "{copy:?}");
+        }
+        // A key the owner holds, with another value, still is one.
+        let mut forged = a.cluster.node(A).unwrap().at_version(A, 2);
+        forged.kvs[0].value = msgpack("x");
+        a.cluster.apply_deltas(vec![forged], now);
+        assert_eq!(a.cluster.take_tally().refutations, 1);
+        // So is a horizon above the owner's: peers given it would refuse the owner's deltas.
+        now += Duration::from_secs(1);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        let mut forged = a.cluster.node(A).unwrap().delta(A, 0, &mut budget);
+        forged.horizon = forged.to_version;
+        a.cluster.apply_deltas(vec![forged], now);
+        assert_eq!(a.cluster.take_tally().refutations, 1);
     }
 
     #[test]
@@ -2023,5 +2253,431 @@ mod tests {
             .peer_names(Some(true))
             .contains(&"127.0.0.1:9".to_string()));
         assert_eq!(tolerant.take_tally(), Tally::default());
+    }
+
+    /// Nodes whose tombstones are collected ten seconds after a deletion.
+    fn node_collecting_after(port: u16, frame: usize, now: Instant) -> TestNode {
+        let settings = Settings {
+            tombstone_ttl: Duration::from_secs(10),
+            limits: Limits {
+                max_frame_bytes: frame,
+                ..Limits::default()
+            },
+            ..Settings::default()
+        };
+        let events = Arc::new(Recorder::default());
+        let mut cluster = Cluster::new(Arc::new(settings), events.clone());
+        cluster.begin_incarnation(format!("127.0.0.1:{port}"), 1, Duration::ZERO);
+        let _ = now;
+        TestNode { cluster, events }
+    }
+
+    const A: &str = "127.0.0.1:1";
+
+    #[test]
+    fn a_deletion_travels_like_a_write_and_is_reported_once() {
+        let now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        let mut c = node(3, 1, now);
+        a.cluster.set_local("x", msgpack("1"), None);
+        a.cluster.set_local("y", msgpack("2"), None);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        exchange(&mut c.cluster, &mut b.cluster, now);
+        b.events.take();
+        c.events.take();
+
+        a.events.take();
+        assert!(a.cluster.delete_local("x", now));
+        assert!(!a.cluster.delete_local("x", now), "already deleted");
+        assert!(!a.cluster.delete_local("never", now));
+        assert_eq!(a.cluster.local_value("x"), None);
+        assert_eq!(a.cluster.node_keys(A), ["y"]);
+        assert!(a.events.take().is_empty(), "no event for a local deletion");
+        // The push reaches b; anti-entropy carries it on to c.
+        b.cluster.apply_deltas(a.cluster.take_unpushed(), now);
+        exchange(&mut c.cluster, &mut b.cluster, now);
+        for n in [&mut b, &mut c] {
+            assert_eq!(n.events.take(), ["delete 127.0.0.1:1 x"]);
+            assert_eq!(n.cluster.node_value(A, "x"), None);
+            assert_eq!(n.cluster.node_keys(A), ["y"]);
+        }
+        exchange(&mut c.cluster, &mut b.cluster, now);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        assert!(b.events.take().is_empty() && c.events.take().is_empty());
+
+        // Written again, the key is back, as an update.
+        a.cluster.set_local("x", msgpack("3"), None);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        assert_eq!(b.events.take(), ["update 127.0.0.1:1 x [a1, 33]"]);
+        assert_eq!(b.cluster.node_keys(A), ["y", "x"]);
+    }
+
+    #[test]
+    fn deletions_and_writes_are_reported_in_version_order() {
+        let now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        a.cluster.set_local("x", msgpack("1"), None);
+        a.cluster.set_local("y", msgpack("2"), None);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        b.events.take();
+        a.cluster.delete_local("x", now);
+        a.cluster.set_local("w", msgpack("3"), None);
+        a.cluster.set_local("y", msgpack("4"), None);
+        a.cluster.delete_local("w", now);
+        a.cluster.delete_local("y", now);
+        a.cluster.set_local("v", msgpack("5"), None);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        // w was written and deleted in between: b never saw it, so nothing is reported.
+        assert_eq!(
+            b.events.take(),
+            [
+                "delete 127.0.0.1:1 x",
+                "delete 127.0.0.1:1 y",
+                "update 127.0.0.1:1 v [a1, 35]"
+            ]
+        );
+        assert_eq!(b.cluster.node_keys(A), ["v"]);
+    }
+
+    #[test]
+    fn tombstones_are_collected_after_the_ttl_at_the_owner_and_then_everywhere() {
+        let mut now = Instant::now();
+        let mut a = node_collecting_after(1, 4 << 20, now);
+        let mut b = node_collecting_after(2, 4 << 20, now);
+        a.cluster.set_local("x", msgpack("1"), None);
+        a.cluster.set_local("y", msgpack("2"), None);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        a.cluster.delete_local("x", now);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        let held = |n: &TestNode| {
+            let state = n.cluster.node(A).unwrap();
+            (state.len(), state.tombstone_count(), state.horizon)
+        };
+        assert_eq!(held(&a), (2, 1, 0));
+        assert_eq!(held(&b), (2, 1, 0));
+
+        now += Duration::from_secs(9);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        assert_eq!(held(&a), (2, 1, 0), "kept for the whole ttl");
+        now += Duration::from_secs(1);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        assert_eq!(held(&a), (1, 0, 3));
+        assert_eq!(a.cluster.timers.pending(), (0, 0));
+        // Collecting takes a version, so the horizon travels: b forgets the tombstone too.
+        b.events.take();
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        assert_eq!(held(&b), (1, 0, 3));
+        assert_eq!(b.cluster.digest()[1].max_version, 4);
+        assert!(b.events.take().is_empty(), "collecting changes no value");
+        assert_eq!(b.cluster.node_keys(A), ["y"]);
+    }
+
+    /// `a` writes x and y; every other node learns them; then `away` stops hearing anything
+    /// while `a` deletes x, writes z and collects the tombstone, and `b` follows.
+    fn away_past_the_horizon(frame: usize) -> (TestNode, TestNode, TestNode, Instant) {
+        let mut now = Instant::now();
+        let mut a = node_collecting_after(1, frame, now);
+        let mut b = node_collecting_after(2, frame, now);
+        let mut away = node_collecting_after(3, frame, now);
+        a.cluster.set_local("x", msgpack("1"), None);
+        a.cluster.set_local("y", msgpack("2"), None);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        exchange(&mut away.cluster, &mut b.cluster, now);
+        assert_eq!(away.cluster.node_keys(A), ["x", "y"]);
+
+        a.cluster.delete_local("x", now);
+        a.cluster.set_local("z", msgpack("3"), None);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        now += Duration::from_secs(11);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        assert_eq!(b.cluster.node(A).unwrap().horizon, 3);
+        for n in [&a, &b, &away] {
+            n.events.take();
+        }
+        (a, b, away, now)
+    }
+
+    #[test]
+    fn a_view_older_than_the_horizon_is_replaced_whoever_starts_the_exchange() {
+        for case in [
+            "returning node asks b",
+            "b asks returning node",
+            "returning node asks a",
+        ] {
+            let (mut a, mut b, mut away, now) = away_past_the_horizon(4 << 20);
+            // What the returning node holds cannot flow back: a delta of its stale view changes
+            // nothing at b, whose view is ahead.
+            let mut budget = usize::MAX;
+            let stale = away.cluster.node(A).unwrap().delta(A, 0, &mut budget);
+            b.cluster.apply_deltas(vec![stale], now);
+            assert_eq!(b.cluster.node_keys(A), ["y", "z"], "{case}");
+            assert!(b.events.take().is_empty(), "{case}");
+
+            match case {
+                "returning node asks b" => {
+                    exchange_like_a_node(&mut away.cluster, &mut b.cluster, now)
+                }
+                "b asks returning node" => {
+                    exchange_like_a_node(&mut b.cluster, &mut away.cluster, now)
+                }
+                _ => exchange_like_a_node(&mut away.cluster, &mut a.cluster, now),
+            }
+            assert_eq!(away.cluster.node_keys(A), ["y", "z"], "{case}");
+            assert_eq!(away.cluster.node(A).unwrap().horizon, 3, "{case}");
+            assert_eq!(
+                away.events.take(),
+                ["delete 127.0.0.1:1 x", "update 127.0.0.1:1 z [a1, 33]"],
+                "{case}"
+            );
+            assert!(b.events.take().is_empty(), "{case}");
+            assert_eq!(b.cluster.node_keys(A), ["y", "z"], "{case}");
+        }
+    }
+
+    #[test]
+    fn a_replacement_larger_than_a_frame_completes_without_resurrection() {
+        // Frames of 4 KiB carry about 50 of these keys: a whole view takes several exchanges.
+        let mut now = Instant::now();
+        let [mut a, mut b, mut away, mut lagging] =
+            [1, 2, 3, 4].map(|port| node_collecting_after(port, 4096, now));
+        let value = msgpack("0123456789012345678901234567890");
+        for i in 0..200 {
+            a.cluster.set_local(&format!("key{i}"), value.clone(), None);
+        }
+        for _ in 0..10 {
+            exchange(&mut b.cluster, &mut a.cluster, now);
+            exchange(&mut away.cluster, &mut a.cluster, now);
+            exchange(&mut lagging.cluster, &mut a.cluster, now);
+        }
+        // While two nodes are away, a deletes a late key and an early one, then forgets them.
+        a.cluster.delete_local("key150", now);
+        a.cluster.delete_local("key10", now);
+        for _ in 0..10 {
+            exchange(&mut b.cluster, &mut a.cluster, now);
+        }
+        now += Duration::from_secs(11);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        for _ in 0..10 {
+            exchange(&mut b.cluster, &mut a.cluster, now);
+        }
+        let expected = a.cluster.node_keys(A);
+        let horizon = a.cluster.node(A).unwrap().horizon;
+        assert_eq!(b.cluster.node_keys(A), expected);
+        assert_eq!(b.cluster.node(A).unwrap().horizon, horizon);
+        away.events.take();
+
+        let deleted = |n: &TestNode| {
+            let keys = n.cluster.node_keys(A);
+            keys.contains(&"key150".to_string()) || keys.contains(&"key10".to_string())
+        };
+        let mut rounds = 0;
+        let (mut partial_views, mut offered_key150) = (0, 0);
+        while away.cluster.node_keys(A) != expected {
+            rounds += 1;
+            assert!(rounds <= 20, "no progress: {:?}", away.cluster.node(A));
+            // Alternate who starts, as random targets would.
+            if rounds % 2 == 0 {
+                exchange_like_a_node(&mut away.cluster, &mut b.cluster, now);
+            } else {
+                exchange_like_a_node(&mut b.cluster, &mut away.cluster, now);
+            }
+            let view = away.cluster.node(A).unwrap();
+            let (from, partial) = (view.max_version, view.horizon > view.max_version);
+            if partial {
+                partial_views += 1;
+                assert!(away.cluster.compact_digest().is_none());
+                // A node that missed the deletions holds key150 above what the partial view
+                // has: nothing it sends may bring the key back.
+                let mut budget = usize::MAX;
+                let stale = lagging.cluster.node(A).unwrap().delta(A, from, &mut budget);
+                offered_key150 += stale.kvs.iter().any(|kv| kv.key == "key150") as u32;
+                away.cluster.apply_deltas(vec![stale], now);
+                exchange_like_a_node(&mut away.cluster, &mut lagging.cluster, now);
+                exchange_like_a_node(&mut lagging.cluster, &mut away.cluster, now);
+            }
+            assert!(!deleted(&away), "round {rounds}");
+        }
+        assert!(partial_views > 0, "the replacement was cut");
+        assert!(offered_key150 > 0);
+        assert!(away.cluster.compact_digest().is_some());
+        let events = away.events.take();
+        let deletes: Vec<&String> = events.iter().filter(|e| e.starts_with("delete")).collect();
+        // The first part of the replacement reports the early deletion; later parts, keys above
+        // it that are not in it yet, including the late deletion. Those come back as updates.
+        assert_eq!(deletes[0], "delete 127.0.0.1:1 key10");
+        assert!(deletes.contains(&&"delete 127.0.0.1:1 key150".to_string()));
+        assert!(!events.contains(&"update 127.0.0.1:1 key150 [a1, 30]".to_string()));
+        // The lagging node got replaced along the way, and did not keep the keys either.
+        while lagging.cluster.node_keys(A) != expected {
+            exchange_like_a_node(&mut lagging.cluster, &mut b.cluster, now);
+            assert!(!deleted(&lagging));
+        }
+    }
+
+    #[test]
+    fn a_cut_replacement_completes_from_a_node_that_saw_the_deletions_without_the_owner() {
+        let mut now = Instant::now();
+        let [mut a, mut b, mut c] = [1, 2, 3].map(|port| node_collecting_after(port, 4096, now));
+        let value = msgpack("0123456789012345678901234567890");
+        for i in 0..200 {
+            a.cluster.set_local(&format!("key{i}"), value.clone(), None);
+        }
+        for _ in 0..10 {
+            exchange(&mut b.cluster, &mut a.cluster, now);
+            exchange(&mut c.cluster, &mut a.cluster, now);
+        }
+        // c gets the deletions as tombstones, but not the news of their collection.
+        a.cluster.delete_local("key150", now);
+        a.cluster.delete_local("key10", now);
+        exchange(&mut c.cluster, &mut a.cluster, now);
+        now += Duration::from_secs(11);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        let horizon = a.cluster.node(A).unwrap().horizon;
+        assert!(c.cluster.node(A).unwrap().horizon < horizon);
+        // b's first exchange with a replaces part of its view; then a is gone for good.
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        let view = b.cluster.node(A).unwrap();
+        assert!(view.horizon > view.max_version, "a partial replacement");
+        drop(a);
+
+        let mut rounds = 0;
+        while b.cluster.node(A).unwrap().horizon > b.cluster.node(A).unwrap().max_version {
+            rounds += 1;
+            assert!(rounds <= 20, "b never completes its view");
+            if rounds % 2 == 0 {
+                exchange_like_a_node(&mut b.cluster, &mut c.cluster, now);
+            } else {
+                exchange_like_a_node(&mut c.cluster, &mut b.cluster, now);
+            }
+        }
+        // c took the horizon from b's digest, having every version up to it.
+        assert_eq!(c.cluster.node(A).unwrap().horizon, horizon);
+        assert_eq!(c.cluster.node(A).unwrap().tombstone_count(), 0);
+        let expected: Vec<String> = (0..200)
+            .filter(|i| ![10, 150].contains(i))
+            .map(|i| format!("key{i}"))
+            .collect();
+        assert_eq!(b.cluster.node_keys(A), expected);
+        assert_eq!(c.cluster.node_keys(A), expected);
+    }
+
+    #[test]
+    fn keys_expire_by_the_owners_clock_alone() {
+        let mut now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        let in_5s = |now: Instant| Some(now + Duration::from_secs(5));
+        a.cluster.set_local("lease", msgpack("1"), in_5s(now));
+        a.cluster.set_local("kept", msgpack("2"), in_5s(now));
+        a.cluster.set_local("kept", msgpack("3"), None);
+        a.cluster.set_local("renewed", msgpack("4"), in_5s(now));
+        a.cluster.set_local("gone", msgpack("5"), in_5s(now));
+        a.cluster.delete_local("gone", now);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        b.events.take();
+
+        now += Duration::from_secs(4);
+        // Rewriting the same value only moves the deadline; a deleted key's deadline is void.
+        a.cluster.set_local("renewed", msgpack("4"), in_5s(now));
+        a.cluster.set_local("gone", msgpack("6"), None);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        assert!(a.cluster.local_value("lease").is_some());
+        now += Duration::from_secs(1);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        assert_eq!(a.cluster.local_value("lease"), None);
+        assert_eq!(a.cluster.node_keys(A), ["kept", "renewed", "gone"]);
+        assert!(
+            a.cluster.has_unpushed(),
+            "an expiry is pushed like a deletion"
+        );
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        assert_eq!(
+            b.events.take(),
+            [
+                "update 127.0.0.1:1 gone [a1, 36]",
+                "delete 127.0.0.1:1 lease"
+            ]
+        );
+        now += Duration::from_secs(5);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        assert_eq!(a.cluster.node_keys(A), ["kept", "gone"]);
+        assert_eq!(a.cluster.timers.pending().1, 0);
+        // b's clock plays no part: its view changes only through a's versions.
+        b.cluster.tick(
+            now + Duration::from_secs(3600),
+            Duration::ZERO,
+            &mut test_rng(),
+        );
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        assert_eq!(b.cluster.node_keys(A), ["kept", "gone"]);
+    }
+
+    #[test]
+    fn a_restart_does_not_bring_deleted_keys_back() {
+        let now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        a.cluster.set_local("x", msgpack("1"), None);
+        a.cluster.set_local("y", msgpack("2"), None);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        b.events.take();
+        // b does not hear of the deletion before the restart.
+        a.cluster.delete_local("x", now);
+        a.cluster.begin_incarnation(A.into(), 2, Duration::ZERO);
+        assert_eq!(a.cluster.node_keys(A), ["y"]);
+        assert_eq!(
+            a.cluster.node(A).unwrap().len(),
+            1,
+            "no tombstone carried over"
+        );
+        assert_eq!(a.cluster.timers.pending(), (0, 0));
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        assert_eq!(b.cluster.node_keys(A), ["y"]);
+        assert_eq!(
+            b.events.take(),
+            ["delete 127.0.0.1:1 x", "update 127.0.0.1:1 y [a1, 32]"]
+        );
+    }
+
+    #[test]
+    fn churn_of_a_million_keys_leaves_nothing_behind() {
+        let mut now = Instant::now();
+        let mut a = node_collecting_after(1, 4 << 20, now);
+        let mut b = node_collecting_after(2, 4 << 20, now);
+        a.cluster.set_local("steady", msgpack("1"), None);
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        let baseline = |n: &TestNode| n.cluster.node(A).unwrap().len();
+        assert_eq!((baseline(&a), baseline(&b)), (1, 1));
+        let mut largest = 0;
+        for i in 0..1_000_000u32 {
+            let key = format!("session-{i}");
+            a.cluster.set_local(&key, msgpack("open"), None);
+            a.cluster.delete_local(&key, now);
+            // A second of churn is 10,000 cycles; b catches up every second.
+            if i % 10_000 == 9_999 {
+                now += Duration::from_secs(1);
+                a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+                b.cluster.tick(now, Duration::ZERO, &mut test_rng());
+                exchange(&mut b.cluster, &mut a.cluster, now);
+                largest = largest.max(baseline(&a)).max(baseline(&b));
+            }
+        }
+        // At most the last ten seconds of deletions are held at any time.
+        assert!(largest <= 110_001, "{largest}");
+        now += Duration::from_secs(11);
+        a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        exchange(&mut b.cluster, &mut a.cluster, now);
+        for n in [&a, &b] {
+            let state = n.cluster.node(A).unwrap();
+            assert_eq!((state.len(), state.tombstone_count()), (1, 0));
+            assert_eq!(n.cluster.node_keys(A), ["steady"]);
+        }
+        assert_eq!(a.cluster.timers.pending(), (0, 0));
+        // The maps gave their room back.
+        assert!(a.cluster.local.kvs_capacity() < 1024);
+        assert!(b.cluster.node(A).unwrap().kvs_capacity() < 1024);
     }
 }

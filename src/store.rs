@@ -1,20 +1,37 @@
-//! The value store of one node in one generation: its keys, each with the version that last
-//! wrote it, indexed by version so that "everything after version v" costs what it returns.
+//! The value store of one node in one generation, as its owner or a peer holds it: its keys, each
+//! with the version that last wrote it, indexed by version so that "everything after version v"
+//! costs what it returns. A deleted key stays for a while as a tombstone (an empty value), so the
+//! deletion travels like a write; once the owner has forgotten it, so does everyone.
 //!
-//! Invariant: `by_version` holds exactly one entry per key, at that key's current version, and
-//! `max_version` is at least every version held. Two honest copies of one node's state, taken at
-//! different times, therefore never disagree about a version both have passed: [`NodeState::admits`]
-//! checks that, so that a forged write colliding with a real one shows.
+//! Invariants:
+//! - `by_version` holds exactly one entry per key, at that key's current version; `tombstones`
+//!   holds the versions of exactly those entries that are tombstones; `max_version` is at least
+//!   every version held. Two honest copies of one node's state, taken at different times,
+//!   therefore never disagree about a version both have passed: [`NodeState::admits`] checks
+//!   that, so that a forged write colliding with a real one shows.
+//! - No tombstone at or below `horizon` is held.
+//! - A peer's view holds no key that the owner deleted at a version at or below
+//!   `max(max_version, horizon)`: applying every entry the owner holds above `max_version` to
+//!   the view gives the owner's state. A delta that could break this is refused; a delta from
+//!   version 0 (the sender's whole view) replaces a view that is older than its horizon.
 
 use crate::peers::FnvBuild;
 use crate::wire::{DigestEntry, KeyValue, NodeDelta};
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use tokio::time::Instant;
 
 #[derive(Clone, Debug)]
 struct Versioned {
     version: u64,
+    /// Empty for a tombstone.
     value: Bytes,
+}
+
+impl Versioned {
+    fn is_live(&self) -> bool {
+        !self.value.is_empty()
+    }
 }
 
 /// Everything known of one node in one generation.
@@ -24,9 +41,35 @@ pub struct NodeState {
     pub heartbeat: u64,
     pub max_version: u64,
     pub left: bool,
+    /// The owner's collection horizon, as far as this view knows: the highest version whose
+    /// tombstone the owner has forgotten. Above `max_version` only while a replacement that did
+    /// not fit in one frame is being completed.
+    pub horizon: u64,
     kvs: HashMap<String, Versioned, FnvBuild>,
     /// The same keys ordered by version, so a delta costs what it carries, not the whole map.
     by_version: BTreeMap<u64, String>,
+    /// Versions of the tombstones held, so collection costs what it removes.
+    tombstones: BTreeSet<u64>,
+}
+
+/// What applying a delta did (see [`NodeState::apply`]).
+#[derive(Debug)]
+pub(crate) struct Applied {
+    /// The delta carried versions above what the view held (a replacement always does): only
+    /// then does its `left` count.
+    pub raised: bool,
+    /// What the view held at a version where the delta disagreed with it, for the owner to judge.
+    pub disputed: Option<NodeDelta>,
+}
+
+/// Where a delta starts for a view at `max_version` and `horizon` (see [`NodeState::delta_start`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// The view may hold keys deleted since: send the whole state, from version 0.
+    Replace,
+    From(u64),
+    /// The view knows of deletions this state may not: nothing from here can extend it.
+    Nothing,
 }
 
 impl NodeState {
@@ -37,36 +80,45 @@ impl NodeState {
         }
     }
 
+    /// Writes `key` at `version`, a tombstone when `value` is empty.
     pub(crate) fn insert(&mut self, key: String, version: u64, value: Bytes) {
+        if value.is_empty() {
+            self.tombstones.insert(version);
+        }
         if let Some(old) = self.kvs.insert(key.clone(), Versioned { version, value }) {
             self.by_version.remove(&old.version);
+            if !old.is_live() {
+                self.tombstones.remove(&old.version);
+            }
         }
         self.by_version.insert(version, key);
         self.max_version = self.max_version.max(version);
     }
 
+    /// The value of a live key.
     pub fn value(&self, key: &str) -> Option<&Bytes> {
-        self.kvs.get(key).map(|v| &v.value)
+        self.kvs.get(key).filter(|v| v.is_live()).map(|v| &v.value)
     }
 
-    /// Every key and value, oldest version first.
-    pub(crate) fn into_entries(mut self) -> impl Iterator<Item = (String, Bytes)> {
+    /// Every live key and its value, oldest version first.
+    pub(crate) fn into_live_entries(mut self) -> impl Iterator<Item = (String, Bytes)> {
         std::mem::take(&mut self.by_version)
             .into_values()
-            .map(move |key| {
-                let value = self.kvs.remove(&key).map(|v| v.value).unwrap_or_default();
-                (key, value)
+            .filter_map(move |key| {
+                let value = self.kvs.remove(&key)?.value;
+                (!value.is_empty()).then_some((key, value))
             })
     }
 
     /// Whether `kv`, said to be this node's write at a version this state has passed, can be
-    /// true: the key is held at that version with that value, or was written again later (and
-    /// no other key holds that version).
+    /// true: the key is held at that version with that value (a tombstone for a deletion), or
+    /// was written again later, or is gone at a version this state has forgotten deletions up to
+    /// (deleted since and collected); and no other key holds that version.
     pub(crate) fn admits(&self, kv: &KeyValue) -> bool {
         match self.kvs.get(&kv.key) {
             Some(held) if held.version == kv.version => held.value == kv.value,
             Some(held) => held.version > kv.version && !self.by_version.contains_key(&kv.version),
-            None => false,
+            None => kv.version <= self.horizon && !self.by_version.contains_key(&kv.version),
         }
     }
 
@@ -94,8 +146,29 @@ impl NodeState {
                     .all(|(version, _)| carried(version)))
     }
 
+    /// Live keys, oldest version first.
     pub fn keys(&self) -> Vec<String> {
-        self.by_version.values().cloned().collect()
+        self.by_version
+            .iter()
+            .filter(|(version, _)| !self.tombstones.contains(version))
+            .map(|(_, key)| key.clone())
+            .collect()
+    }
+
+    /// Entries held, tombstones included: what a limit on keys must count.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.kvs.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn kvs_capacity(&self) -> usize {
+        self.kvs.capacity()
     }
 
     pub(crate) fn digest(&self, name: &str) -> DigestEntry {
@@ -104,6 +177,49 @@ impl NodeState {
             generation: self.generation,
             heartbeat: self.heartbeat,
             max_version: self.max_version,
+            horizon: self.horizon,
+        }
+    }
+
+    /// Forgets every tombstone at or below `version` and raises the horizon to it.
+    pub(crate) fn collect_through(&mut self, version: u64) {
+        while let Some(&oldest) = self.tombstones.first() {
+            if oldest > version {
+                break;
+            }
+            self.tombstones.pop_first();
+            if let Some(key) = self.by_version.remove(&oldest) {
+                self.kvs.remove(&key);
+            }
+        }
+        self.horizon = self.horizon.max(version);
+        // Churn of distinct keys would otherwise leave the map at its peak size.
+        if self.kvs.capacity() > 64 && self.kvs.len() * 4 < self.kvs.capacity() {
+            self.kvs.shrink_to(self.kvs.len() * 2);
+        }
+    }
+
+    /// Takes a horizon another node's view of this generation knows, when this view is past it:
+    /// having every version up to `max_version`, it holds the tombstones at or below that
+    /// horizon and can forget them. It can then extend views that know the horizon, which
+    /// refuse deltas from views that do not (see [`NodeState::apply`]).
+    pub(crate) fn learn_horizon(&mut self, generation: u64, horizon: u64) {
+        if generation == self.generation && horizon > self.horizon && horizon <= self.max_version {
+            self.collect_through(horizon);
+        }
+    }
+
+    /// Where a delta for a view at `their_max` and `their_horizon` must start. A view that
+    /// is behind our horizon on both counts may still hold keys whose tombstones we forgot: it
+    /// gets our whole state, from version 0, to replace itself with. A view that knows a newer
+    /// horizon than ours and is not past it would refuse what we hold between the two.
+    pub(crate) fn delta_start(&self, their_max: u64, their_horizon: u64) -> Start {
+        if self.horizon > their_max.max(their_horizon) {
+            Start::Replace
+        } else if their_horizon > their_max.max(self.horizon) {
+            Start::Nothing
+        } else {
+            Start::From(their_max)
         }
     }
 
@@ -123,13 +239,14 @@ impl NodeState {
             to_version: version,
             left: self.left && version == self.max_version,
             kvs: kvs.into_iter().collect(),
+            horizon: self.horizon,
         }
     }
 
     /// Keys written after `from_version`, oldest first, while `budget` lasts. A cut delta ends at
     /// its last key, so the receiver's `max_version` stays truthful.
     pub(crate) fn delta(&self, name: &str, from_version: u64, budget: &mut usize) -> NodeDelta {
-        *budget = budget.saturating_sub(name.len() + 48);
+        *budget = budget.saturating_sub(name.len() + 56);
         let mut kvs = Vec::new();
         let mut to_version = self.max_version;
         let mut complete = true;
@@ -156,6 +273,193 @@ impl NodeState {
             to_version,
             left: self.left && complete,
             kvs,
+            horizon: self.horizon,
         }
+    }
+
+    /// Applies a delta of `name`, of this view's generation, reporting each change to a key as
+    /// it happens (`None`: deleted). Returns None, changing nothing, when the delta is refused:
+    /// it leaves a gap, or it cannot be trusted against the deletions this view or the sender
+    /// knows of.
+    pub(crate) fn apply(
+        &mut self,
+        name: &str,
+        delta: &mut NodeDelta,
+        changed: &mut impl FnMut(&str, Option<&[u8]>),
+    ) -> Option<Applied> {
+        let stale = delta.horizon > self.max_version.max(self.horizon);
+        if stale && delta.from_version == 0 {
+            let disputed = self.first_disputed(name, &delta.kvs);
+            let previous = std::mem::replace(self, NodeState::new(self.generation));
+            self.heartbeat = previous.heartbeat;
+            self.left = previous.left;
+            self.take_snapshot(delta);
+            self.report_replacement(&previous, true, changed);
+            return Some(Applied {
+                raised: true,
+                disputed,
+            });
+        }
+        let sender_behind = delta.horizon < self.horizon && self.max_version < self.horizon;
+        if stale || sender_behind || delta.from_version > self.max_version {
+            return None;
+        }
+        let raised = delta.to_version > self.max_version;
+        let disputed = self.first_disputed(name, &delta.kvs);
+        for kv in std::mem::take(&mut delta.kvs) {
+            if kv.version <= self.max_version {
+                continue;
+            }
+            let was_live = self.value(&kv.key).is_some();
+            if kv.is_tombstone() {
+                if was_live {
+                    changed(&kv.key, None);
+                }
+            } else {
+                changed(&kv.key, Some(&kv.value));
+            }
+            self.insert(kv.key, kv.version, kv.value);
+        }
+        self.max_version = self.max_version.max(delta.to_version);
+        if delta.horizon > self.horizon {
+            self.collect_through(delta.horizon);
+        }
+        Some(Applied { raised, disputed })
+    }
+
+    /// What this view holds at the first version of `kvs` it has passed and disagrees with:
+    /// one of the two copies is forged, and only the owner can tell which.
+    fn first_disputed(&self, name: &str, kvs: &[KeyValue]) -> Option<NodeDelta> {
+        kvs.iter()
+            .take_while(|kv| kv.version <= self.max_version)
+            .find(|kv| !self.admits(kv))
+            .map(|kv| self.at_version(name, kv.version))
+    }
+
+    /// Starts this (fresh) view of a new generation from its first delta, reporting every
+    /// change against `previous`, the view of the generation it replaces: keys the new
+    /// generation lacks are deleted, and each of its keys is an update.
+    pub(crate) fn succeed(
+        &mut self,
+        previous: &NodeState,
+        delta: &mut NodeDelta,
+        changed: &mut impl FnMut(&str, Option<&[u8]>),
+    ) -> Option<Applied> {
+        let raised = delta.from_version == 0;
+        if raised {
+            self.take_snapshot(delta);
+        }
+        self.report_replacement(previous, false, changed);
+        raised.then_some(Applied {
+            raised,
+            disputed: None,
+        })
+    }
+
+    fn take_snapshot(&mut self, delta: &mut NodeDelta) {
+        for kv in std::mem::take(&mut delta.kvs) {
+            self.insert(kv.key, kv.version, kv.value);
+        }
+        self.max_version = delta.to_version;
+        self.horizon = delta.horizon;
+    }
+
+    /// Reports how this view differs from `previous`: first the keys that vanished (deleted at
+    /// versions this view no longer shows), then its own entries in version order. Versions are
+    /// compared only within one generation; across generations every live key is an update.
+    fn report_replacement(
+        &self,
+        previous: &NodeState,
+        same_generation: bool,
+        changed: &mut impl FnMut(&str, Option<&[u8]>),
+    ) {
+        for key in previous.by_version.values() {
+            if previous.value(key).is_some() && !self.kvs.contains_key(key) {
+                changed(key, None);
+            }
+        }
+        for (&version, key) in &self.by_version {
+            let entry = &self.kvs[key];
+            let before = previous.kvs.get(key);
+            let was_live = before.is_some_and(Versioned::is_live);
+            if entry.is_live() {
+                if !same_generation || before.is_none_or(|b| b.version != version) {
+                    changed(key, Some(&entry.value));
+                }
+            } else if was_live {
+                changed(key, None);
+            }
+        }
+    }
+}
+
+/// The owner's clock for its own keys: when each deletion was made (to collect its tombstone
+/// `tombstone_ttl` later) and when each key written with a TTL expires. Peers keep none of this:
+/// expiry and collection are decided by the owner alone, and travel as versions.
+#[derive(Debug, Default)]
+pub(crate) struct LocalTimers {
+    /// Version and time of each local deletion not collected yet, oldest first.
+    deletions: VecDeque<(u64, Instant)>,
+    /// Keys written with a TTL, by deadline; `deadline_of` is the same set by key.
+    expiries: BTreeSet<(Instant, String)>,
+    deadline_of: HashMap<String, Instant, FnvBuild>,
+}
+
+impl LocalTimers {
+    pub(crate) fn deleted(&mut self, version: u64, at: Instant) {
+        self.deletions.push_back((version, at));
+    }
+
+    /// The version up to which deletions made at least `ttl` before `now` reach, if any.
+    pub(crate) fn collectable(&mut self, now: Instant, ttl: std::time::Duration) -> Option<u64> {
+        let mut through = None;
+        while let Some(&(version, at)) = self.deletions.front() {
+            if now.saturating_duration_since(at) < ttl {
+                break;
+            }
+            through = Some(version);
+            self.deletions.pop_front();
+        }
+        if self.deletions.capacity() > 64 && self.deletions.len() * 4 < self.deletions.capacity() {
+            self.deletions.shrink_to(self.deletions.len() * 2);
+        }
+        through
+    }
+
+    /// Sets, replaces or (with `None`) clears the deadline of `key`.
+    pub(crate) fn set_expiry(&mut self, key: &str, deadline: Option<Instant>) {
+        if let Some(old) = self.deadline_of.remove(key) {
+            self.expiries.remove(&(old, key.to_owned()));
+        }
+        if let Some(deadline) = deadline {
+            self.deadline_of.insert(key.to_owned(), deadline);
+            self.expiries.insert((deadline, key.to_owned()));
+        }
+    }
+
+    /// Removes and returns the keys whose deadline is at or before `now`, earliest first.
+    pub(crate) fn take_expired(&mut self, now: Instant) -> Vec<String> {
+        let mut expired = Vec::new();
+        while let Some((deadline, _)) = self.expiries.first() {
+            if *deadline > now {
+                break;
+            }
+            if let Some((_, key)) = self.expiries.pop_first() {
+                self.deadline_of.remove(&key);
+                expired.push(key);
+            }
+        }
+        expired
+    }
+
+    /// A new incarnation re-versions its keys: deletions of the old one need no collecting.
+    pub(crate) fn forget_deletions(&mut self) {
+        self.deletions = VecDeque::new();
+    }
+
+    /// Deletions waiting for collection, and keys waiting to expire.
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> (usize, usize) {
+        (self.deletions.len(), self.expiries.len())
     }
 }

@@ -64,9 +64,15 @@ pub struct DigestEntry {
     pub generation: u64,
     pub heartbeat: u64,
     pub max_version: u64,
+    /// The node's collection horizon as the sender's view stands (see [`NodeDelta::horizon`]).
+    /// A trailing field, left out when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub horizon: u64,
 }
 
-/// A key written by its owner at `version`; `value` is one MessagePack-encoded value.
+/// A key written by its owner at `version`: `value` is one MessagePack-encoded value, or
+/// empty for a deletion (a tombstone). A real value is never empty: the shortest MessagePack
+/// value is one byte.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
     pub key: String,
@@ -74,8 +80,16 @@ pub struct KeyValue {
     pub value: Bytes,
 }
 
+impl KeyValue {
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_empty()
+    }
+}
+
 /// What the sender knows of one node, from `from_version` (exclusive) to `to_version`
-/// (inclusive): every key whose latest version lies in that range, in version order.
+/// (inclusive): every key whose latest version lies in that range, in version order. A delta
+/// from version 0 is the sender's whole view up to `to_version`: a receiver whose view is older
+/// than `horizon` replaces its view with it (see `store::NodeState::apply`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDelta {
     pub name: String,
@@ -86,14 +100,25 @@ pub struct NodeDelta {
     /// The node announced a graceful stop for this generation.
     pub left: bool,
     pub kvs: Vec<KeyValue>,
+    /// The owner's collection horizon, as far as the sender knows: every tombstone at or below
+    /// it has been forgotten. A trailing field, left out when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub horizon: u64,
 }
 
-/// "Send me `name` at `generation` from `from_version` on."
+/// "Send me `name` at `generation` from `from_version` on; my view of it stands at `horizon`."
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub name: String,
     pub generation: u64,
     pub from_version: u64,
+    /// A trailing field, left out when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub horizon: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The messages of one exchange (Syn or CompactSyn, SynAck, Ack) and the unsolicited Push.
@@ -163,7 +188,8 @@ pub enum Rejection {
     UnknownKind,
     /// A node name that is not a canonical `ip:port`.
     BadName,
-    /// A key or value outside the limits, or a value that is not one MessagePack value.
+    /// A key or value outside the limits, or a value that is neither one MessagePack value nor
+    /// empty (a tombstone).
     BadKeyValue,
     /// Too many entries, or a counter beyond [`MAX_COUNTER`].
     OutOfBounds,
@@ -343,12 +369,17 @@ pub fn is_single_value(value: &[u8]) -> bool {
     IgnoredAny::deserialize(&mut de).is_ok() && de.get_ref().is_empty()
 }
 
+/// A key and the value written under it, as a local write must be: one MessagePack value.
 pub fn check_key_value(key: &str, value: &[u8], limits: &Limits) -> Result<(), Rejection> {
-    if key.is_empty()
-        || key.len() > limits.max_key_bytes
-        || value.len() > limits.max_value_bytes
-        || !is_single_value(value)
-    {
+    check_key(key, limits)?;
+    if value.len() > limits.max_value_bytes || !is_single_value(value) {
+        return Err(Rejection::BadKeyValue);
+    }
+    Ok(())
+}
+
+pub fn check_key(key: &str, limits: &Limits) -> Result<(), Rejection> {
+    if key.is_empty() || key.len() > limits.max_key_bytes {
         return Err(Rejection::BadKeyValue);
     }
     Ok(())
@@ -360,7 +391,12 @@ fn check_deltas(deltas: &[NodeDelta], limits: &Limits) -> Result<(), Rejection> 
     }
     for delta in deltas {
         check_name(&delta.name)?;
-        for n in [delta.generation, delta.heartbeat, delta.to_version] {
+        for n in [
+            delta.generation,
+            delta.heartbeat,
+            delta.to_version,
+            delta.horizon,
+        ] {
             check_counter(n)?;
         }
         if delta.from_version > delta.to_version {
@@ -368,10 +404,18 @@ fn check_deltas(deltas: &[NodeDelta], limits: &Limits) -> Result<(), Rejection> 
         }
         let mut previous = delta.from_version;
         for kv in &delta.kvs {
-            check_key_value(&kv.key, &kv.value, limits)?;
+            if kv.is_tombstone() {
+                check_key(&kv.key, limits)?;
+            } else {
+                check_key_value(&kv.key, &kv.value, limits)?;
+            }
             // Versions must rise strictly inside the announced range, or the receiver could be
-            // told it holds versions it never got.
-            if kv.version <= previous || kv.version > delta.to_version {
+            // told it holds versions it never got; and a sender keeps no tombstone at or below
+            // the horizon it announces.
+            if kv.version <= previous
+                || kv.version > delta.to_version
+                || kv.is_tombstone() && kv.version <= delta.horizon
+            {
                 return Err(Rejection::OutOfBounds);
             }
             previous = kv.version;
@@ -396,7 +440,12 @@ fn check_message(message: &Message, limits: &Limits) -> Result<(), Rejection> {
             }
             for entry in digest {
                 check_name(&entry.name)?;
-                for n in [entry.generation, entry.heartbeat, entry.max_version] {
+                for n in [
+                    entry.generation,
+                    entry.heartbeat,
+                    entry.max_version,
+                    entry.horizon,
+                ] {
                     check_counter(n)?;
                 }
             }
@@ -415,8 +464,9 @@ fn check_message(message: &Message, limits: &Limits) -> Result<(), Rejection> {
             }
             for request in requests {
                 check_name(&request.name)?;
-                check_counter(request.generation)?;
-                check_counter(request.from_version)?;
+                for n in [request.generation, request.from_version, request.horizon] {
+                    check_counter(n)?;
+                }
             }
             check_deltas(deltas, limits)
         }
@@ -463,6 +513,14 @@ mod tests {
         "9401a163ad31302e302e302e313a393030300794ad31302e302e302e323a39303031070390",
     ];
 
+    /// The same for what deletion added: a tombstone (an empty value) and the trailing horizon
+    /// of a NodeDelta, a DigestEntry and a Request, present when not 0.
+    const GOLDEN_DELETION: [&str; 2] = [
+        "9401a163ad31302e302e302e313a3930303001919195ad31302e302e302e323a3930303107030204",
+        "9401a163ad31302e302e302e313a3930303002939198ad31302e302e302e323a3930303107030205c29193a1\
+         6b05c400039194ad31302e302e302e323a3930303107020490",
+    ];
+
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -484,6 +542,7 @@ mod tests {
                 version: 2,
                 value: Bytes::from_static(&[0xa1, b'v']),
             }],
+            horizon: 0,
         }
     }
 
@@ -495,6 +554,7 @@ mod tests {
                     generation: 1,
                     heartbeat: 2,
                     max_version: 3,
+                    horizon: 0,
                 }],
             },
             Message::SynAck {
@@ -503,6 +563,7 @@ mod tests {
                     name: "10.0.0.1:9000".into(),
                     generation: 1,
                     from_version: 0,
+                    horizon: 0,
                 }],
                 heartbeats: vec![0, 300],
             },
@@ -527,19 +588,64 @@ mod tests {
         ]
     }
 
+    /// A delta that deletes `k` at version 5, from a node that collected up to version 3.
+    fn deletion() -> NodeDelta {
+        NodeDelta {
+            name: "10.0.0.2:9001".into(),
+            generation: 7,
+            heartbeat: 3,
+            from_version: 2,
+            to_version: 5,
+            left: false,
+            kvs: vec![KeyValue {
+                key: "k".into(),
+                version: 5,
+                value: Bytes::new(),
+            }],
+            horizon: 3,
+        }
+    }
+
+    fn deletion_samples() -> Vec<Message> {
+        vec![
+            Message::Syn {
+                digest: vec![DigestEntry {
+                    name: "10.0.0.2:9001".into(),
+                    generation: 7,
+                    heartbeat: 3,
+                    max_version: 2,
+                    horizon: 4,
+                }],
+            },
+            Message::SynAck {
+                deltas: vec![deletion()],
+                requests: vec![Request {
+                    name: "10.0.0.2:9001".into(),
+                    generation: 7,
+                    from_version: 2,
+                    horizon: 4,
+                }],
+                heartbeats: vec![],
+            },
+        ]
+    }
+
     /// Fixed bytes for every message kind of protocol version 1: a change here breaks peers.
     #[test]
     fn golden_encodings() {
-        let encoded: Vec<String> = samples()
-            .iter()
-            .map(|m| hex(&encode("c", "10.0.0.1:9000", m)))
-            .collect();
-        assert_eq!(encoded, GOLDEN);
+        let encoded = |samples: Vec<Message>| -> Vec<String> {
+            samples
+                .iter()
+                .map(|m| hex(&encode("c", "10.0.0.1:9000", m)))
+                .collect()
+        };
+        assert_eq!(encoded(samples()), GOLDEN);
+        assert_eq!(encoded(deletion_samples()), GOLDEN_DELETION);
     }
 
     #[test]
     fn every_message_round_trips() {
-        for message in samples() {
+        for message in samples().into_iter().chain(deletion_samples()) {
             let bytes = encode("c", "10.0.0.1:9000", &message);
             let (from, back) = decode(&frame(&bytes), "c", &Limits::default()).unwrap();
             assert_eq!(from, "10.0.0.1:9000");
@@ -627,6 +733,7 @@ mod tests {
                 generation: 1,
                 heartbeat: 1,
                 max_version: 1,
+                horizon: 0,
             }],
         };
         assert_eq!(reject(bad_name), Err(Rejection::BadName));
@@ -672,6 +779,48 @@ mod tests {
             }),
             Err(Rejection::BadKeyValue)
         );
+
+        let mut empty_value = delta();
+        empty_value.kvs[0].value = Bytes::new();
+        assert!(
+            reject(Message::Push {
+                deltas: vec![empty_value],
+                forward_to: vec![]
+            })
+            .is_ok(),
+            "an empty value is a tombstone"
+        );
+
+        // Tombstones meet the key limits like any key, and lie above the sender's horizon.
+        let mut tombstone_key_too_long = deletion();
+        tombstone_key_too_long.kvs[0].key = "k".repeat(limits.max_key_bytes + 1);
+        let mut tombstone_at_horizon = deletion();
+        tombstone_at_horizon.horizon = 5;
+        let mut absurd_horizon = deletion();
+        absurd_horizon.horizon = MAX_COUNTER + 1;
+        for (bad, reason) in [
+            (tombstone_key_too_long, Rejection::BadKeyValue),
+            (tombstone_at_horizon, Rejection::OutOfBounds),
+            (absurd_horizon, Rejection::OutOfBounds),
+        ] {
+            assert_eq!(
+                reject(Message::Push {
+                    deltas: vec![bad],
+                    forward_to: vec![]
+                }),
+                Err(reason)
+            );
+        }
+        let absurd_digest = Message::Syn {
+            digest: vec![DigestEntry {
+                name: "10.0.0.1:9000".into(),
+                generation: 1,
+                heartbeat: 1,
+                max_version: 1,
+                horizon: u64::MAX,
+            }],
+        };
+        assert_eq!(reject(absurd_digest), Err(Rejection::OutOfBounds));
 
         let mut empty_key = delta();
         empty_key.kvs[0].key.clear();

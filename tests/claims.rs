@@ -114,6 +114,7 @@ impl Sim {
             to_version: own.max_version,
             left: false,
             kvs: vec![],
+            horizon: own.horizon,
         }
     }
 
@@ -297,7 +298,7 @@ fn one_forged_frame_about_a_live_node_is_refused_or_refuted_within_a_few_rounds(
     for row in ROWS {
         each_seed(|seed| async move {
             let sim = Sim::start(seed, NODES).await;
-            sim.nodes[D].set_local("k", value("before")).unwrap();
+            sim.nodes[D].set_local("k", value("before"), None).unwrap();
             sim.wait(Duration::from_secs(2), "the first write", |sim| {
                 sim.all_hear_d("k", "before")
             })
@@ -308,7 +309,7 @@ fn one_forged_frame_about_a_live_node_is_refused_or_refuted_within_a_few_rounds(
             // The relays land first: every node but D holds the forgery.
             tokio::time::sleep(Duration::from_millis(1)).await;
             // D's next write, at the version a forged write may have taken.
-            sim.nodes[D].set_local("k", value("after")).unwrap();
+            sim.nodes[D].set_local("k", value("after"), None).unwrap();
             let took = sim
                 .wait(Duration::from_secs(5), row.attack, |sim| {
                     sim.all_hear_d("k", "after")
@@ -399,7 +400,7 @@ fn a_claim_told_to_one_node_of_30_reaches_its_subject_and_is_refuted_within_a_fe
     for row in ROWS.iter().filter(|r| !r.implausible) {
         each_seed(|seed| async move {
             let sim = Sim::start(seed, 30).await;
-            sim.nodes[D].set_local("k", value("before")).unwrap();
+            sim.nodes[D].set_local("k", value("before"), None).unwrap();
             sim.wait(Duration::from_secs(2), "the first write", |sim| {
                 sim.all_hear_d("k", "before")
             })

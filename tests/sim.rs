@@ -24,6 +24,7 @@ impl EventSink for Recorder {
         let text = match event {
             Event::NewPeer(p) => format!("new_peer {p}"),
             Event::Update { peer, key, .. } => format!("update {peer} {key}"),
+            Event::Delete { peer, key } => format!("delete {peer} {key}"),
             Event::PeerAlive(p) => format!("peer_alive {p}"),
             Event::PeerFailed(p) => format!("peer_failed {p}"),
         };
@@ -72,7 +73,15 @@ fn value(text: &str) -> bytes::Bytes {
 impl Sim {
     /// `n` hosts seeded with host 0 (which has no seeds), not started.
     fn new(seed: u64, n: usize, seeds: impl Fn(usize) -> Vec<String>) -> Sim {
-        let settings = Settings::default();
+        Sim::with_settings(seed, n, Settings::default(), seeds)
+    }
+
+    fn with_settings(
+        seed: u64,
+        n: usize,
+        settings: Settings,
+        seeds: impl Fn(usize) -> Vec<String>,
+    ) -> Sim {
         let net = MemNetwork::new(seed, settings.limits.max_frame_bytes);
         let hosts = (0..n)
             .map(|i| {
@@ -127,6 +136,22 @@ impl Sim {
         self.hosts[at]
             .node
             .with_cluster(|c| c.node_value(owner, key).cloned())
+    }
+
+    fn keys(&self, at: usize, owner: usize) -> Vec<String> {
+        let owner = &self.hosts[owner].name;
+        self.hosts[at].node.with_cluster(|c| c.node_keys(owner))
+    }
+
+    /// The collection horizon of `owner` as host `at` knows it.
+    fn horizon(&self, at: usize, owner: usize) -> u64 {
+        let owner = &self.hosts[owner].name;
+        self.hosts[at]
+            .node
+            .peer_infos()
+            .iter()
+            .find(|p| &p.name == owner)
+            .map_or(0, |p| p.horizon)
     }
 
     /// Advances the paused clock until `done` holds; panics naming the seed after `limit`.
@@ -242,7 +267,10 @@ fn a_write_reaches_everyone_through_the_push_tree_in_milliseconds() {
             (0..30).all(|i| sim.live_peers(i).len() == 29)
         })
         .await;
-        sim.hosts[7].node.set_local("hi", value("there")).unwrap();
+        sim.hosts[7]
+            .node
+            .set_local("hi", value("there"), None)
+            .unwrap();
         let took = sim
             .wait(Duration::from_secs(5), "the write everywhere", |sim| {
                 (0..30).all(|i| i == 7 || sim.value(i, 7, "hi") == Some(value("there")))
@@ -309,7 +337,10 @@ fn a_restarted_node_is_alive_again_and_its_new_writes_win() {
     each_seed(|seed| async move {
         let sim = Sim::seeded_by_first(seed, 6);
         sim.start_all().await;
-        sim.hosts[3].node.set_local("k", value("old")).unwrap();
+        sim.hosts[3]
+            .node
+            .set_local("k", value("old"), None)
+            .unwrap();
         sim.wait(Duration::from_secs(10), "old value everywhere", |sim| {
             (0..6).all(|i| i == 3 || sim.value(i, 3, "k") == Some(value("old")))
         })
@@ -317,7 +348,10 @@ fn a_restarted_node_is_alive_again_and_its_new_writes_win() {
         sim.hosts[3].node.stop().await;
         tokio::time::sleep(Duration::from_secs(5)).await;
         sim.start(3).await;
-        sim.hosts[3].node.set_local("k", value("new")).unwrap();
+        sim.hosts[3]
+            .node
+            .set_local("k", value("new"), None)
+            .unwrap();
         sim.wait(
             Duration::from_secs(10),
             "alive again with the new value",
@@ -357,8 +391,14 @@ fn a_partition_heals_and_writes_from_both_sides_reach_everyone() {
             |sim| (0..10).all(|i| sim.live_peers(i).len() == 4),
         )
         .await;
-        sim.hosts[1].node.set_local("side", value("left")).unwrap();
-        sim.hosts[8].node.set_local("side", value("right")).unwrap();
+        sim.hosts[1]
+            .node
+            .set_local("side", value("left"), None)
+            .unwrap();
+        sim.hosts[8]
+            .node
+            .set_local("side", value("right"), None)
+            .unwrap();
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(
             sim.value(6, 1, "side"),
@@ -396,7 +436,7 @@ fn lossy_delayed_duplicating_links_still_converge_without_false_failures() {
             (0..12).all(|i| sim.live_peers(i).len() == 11)
         })
         .await;
-        sim.hosts[4].node.set_local("k", value("v")).unwrap();
+        sim.hosts[4].node.set_local("k", value("v"), None).unwrap();
         sim.wait(Duration::from_secs(30), "the write everywhere", |sim| {
             (0..12).all(|i| i == 4 || sim.value(i, 4, "k") == Some(value("v")))
         })
@@ -437,5 +477,152 @@ fn lifecycle_races_end_the_same_way_every_time() {
             .expect("the port is free once stop has resolved");
         node.stop().await;
         node.stop().await;
+    });
+}
+
+const TOMBSTONE_TTL: Duration = Duration::from_secs(30);
+
+/// Five hosts that forget deletions after [`TOMBSTONE_TTL`], all started and live.
+async fn collecting_cluster(seed: u64) -> Sim {
+    let settings = Settings {
+        tombstone_ttl: TOMBSTONE_TTL,
+        ..Settings::default()
+    };
+    let sim = Sim::with_settings(seed, 5, settings, |i| {
+        if i == 0 {
+            vec![]
+        } else {
+            vec![name(0)]
+        }
+    });
+    sim.start_all().await;
+    sim.wait(Duration::from_secs(10), "full membership", |sim| {
+        (0..5).all(|i| sim.live_peers(i).len() == 4)
+    })
+    .await;
+    sim
+}
+
+/// Host 4 is away (stopped, or cut off from everyone) for longer than the tombstone ttl while
+/// host 1 deletes a key and forgets the deletion. It comes back without the key, and nobody
+/// gets it back: every other host reports the deletion once and never the key again.
+async fn away_past_the_horizon(seed: u64, stopped: bool) {
+    let sim = collecting_cluster(seed).await;
+    let (owner, away) = (1, 4);
+    sim.hosts[owner]
+        .node
+        .set_local("x", value("1"), None)
+        .unwrap();
+    sim.hosts[owner]
+        .node
+        .set_local("y", value("2"), None)
+        .unwrap();
+    sim.wait(Duration::from_secs(10), "x and y everywhere", |sim| {
+        (0..5).all(|i| sim.keys(i, owner) == ["x", "y"])
+    })
+    .await;
+    if stopped {
+        sim.hosts[away].node.stop().await;
+    } else {
+        let others: Vec<IpAddr> = (0..4).map(ip).collect();
+        sim.net.partition(&[&others, &[ip(away)]]);
+    }
+
+    assert!(sim.hosts[owner].node.delete_local("x"));
+    sim.wait(Duration::from_secs(10), "the deletion where heard", |sim| {
+        (0..4).all(|i| sim.keys(i, owner) == ["y"])
+    })
+    .await;
+    tokio::time::sleep(TOMBSTONE_TTL).await;
+    sim.wait(
+        Duration::from_secs(10),
+        "the collection where heard",
+        |sim| (0..4).all(|i| i == owner || sim.horizon(i, owner) > 0),
+    )
+    .await;
+    assert_eq!(
+        sim.keys(away, owner),
+        ["x", "y"],
+        "seed {seed}: heard nothing"
+    );
+
+    if stopped {
+        sim.start(away).await;
+    } else {
+        sim.net.heal();
+    }
+    sim.wait(Duration::from_secs(60), "back, without x", |sim| {
+        (0..5).all(|i| sim.live_peers(i).len() == 4) && sim.keys(away, owner) == ["y"]
+    })
+    .await;
+    // Rounds in which x could come back, if anything still held it.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let delete = format!("delete {} x", name(owner));
+    let update = format!("update {} x", name(owner));
+    for i in (0..5).filter(|&i| i != owner) {
+        assert_eq!(sim.keys(i, owner), ["y"], "seed {seed}: host {i}");
+        assert_eq!(
+            sim.hosts[i].events.count(&delete),
+            1,
+            "seed {seed}: host {i}"
+        );
+        assert_eq!(
+            sim.hosts[i].events.count(&update),
+            1,
+            "seed {seed}: host {i}"
+        );
+    }
+    assert_eq!(sim.keys(owner, owner), ["y"]);
+    sim.stop_all().await;
+}
+
+#[test]
+fn a_node_stopped_past_the_horizon_comes_back_without_deleted_keys() {
+    each_seed(|seed| away_past_the_horizon(seed, true));
+}
+
+#[test]
+fn a_node_cut_off_past_the_horizon_comes_back_without_deleted_keys() {
+    each_seed(|seed| away_past_the_horizon(seed, false));
+}
+
+#[test]
+fn a_key_written_with_a_ttl_is_gone_everywhere_a_round_or_two_after_it_expires() {
+    each_seed(|seed| async move {
+        let sim = collecting_cluster(seed).await;
+        let ttl = Duration::from_secs(5);
+        let owner = 2;
+        sim.hosts[owner]
+            .node
+            .set_local("lease", value("mine"), Some(ttl))
+            .unwrap();
+        let written = Instant::now();
+        sim.wait(Duration::from_secs(5), "the lease everywhere", |sim| {
+            (0..5).all(|i| sim.keys(i, owner) == ["lease"])
+        })
+        .await;
+        sim.wait(
+            Duration::from_secs(10),
+            "the lease gone everywhere",
+            |sim| (0..5).all(|i| sim.keys(i, owner).is_empty()),
+        )
+        .await;
+        let gone_after = written.elapsed();
+        // The owner checks expiry once a round (1 s) and pushes the deletion at once.
+        assert!(
+            gone_after >= ttl && gone_after <= ttl + Duration::from_secs(2),
+            "seed {seed}: {gone_after:?}"
+        );
+        for i in (0..5).filter(|&i| i != owner) {
+            for event in ["update", "delete"] {
+                let event = format!("{event} {} lease", name(owner));
+                assert_eq!(
+                    sim.hosts[i].events.count(&event),
+                    1,
+                    "seed {seed}: host {i}"
+                );
+            }
+        }
+        sim.stop_all().await;
     });
 }

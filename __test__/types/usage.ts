@@ -19,6 +19,7 @@ const options: GossiperOptions = {
   phiThreshold: 8,
   maxInterval: 10_000,
   deadPeerTtl: 60_000,
+  tombstoneTtl: 600_000,
   pushFanout: 3,
   connectTimeout: 2000,
   idleTimeout: 5000,
@@ -57,6 +58,13 @@ seed.on('update', function (peer, key, value) {
   const self: Gossiper = this
   console.log(`${self.peer_name} saw ${p} set ${k} to ${String(v)}`)
 })
+seed.on('delete', function (peer, key) {
+  const p: string = peer
+  const k: string = key
+  const self: Gossiper = this
+  console.log(`${self.peer_name} saw ${p} delete ${k}`)
+})
+seed.emit('delete', '127.0.0.1:9001', 'k')
 seed.on('new_peer', (name) => console.log(name.toUpperCase()))
 seed.once('peer_alive', function (name: string) {
   console.log(this.livePeers().includes(name))
@@ -76,6 +84,8 @@ seed.emit('custom', 1, 2, 3)
 seed.on('update', (peer: number) => console.log(peer))
 // @ts-expect-error new_peer passes one string
 seed.on('new_peer', (peer: string, extra: Buffer) => console.log(peer, extra))
+// @ts-expect-error delete passes no value
+seed.on('delete', (peer: string, key: string, value: Value) => console.log(peer, key, value))
 // @ts-expect-error update carries a Value
 seed.emit('update', 'peer', 'key', () => 1)
 // @ts-expect-error peer_alive passes the peer name
@@ -100,6 +110,15 @@ seed.setLocalState('obj', { list: [1, { deep: true }], bin: Buffer.alloc(2) })
 seed.setLocalState('fn', () => 1)
 // @ts-expect-error keys are strings
 seed.setLocalState(1, 'x')
+seed.setLocalState('lease', { holder: 'me' }, { ttl: 10_000 })
+seed.setLocalState('forever', 1, {})
+// @ts-expect-error ttl is a number of milliseconds
+seed.setLocalState('lease', 1, { ttl: '10s' })
+// @ts-expect-error the only option is ttl
+seed.setLocalState('lease', 1, { expires: 10 })
+const existed: boolean = seed.deleteLocalState('lease')
+// @ts-expect-error keys are strings
+seed.deleteLocalState(1)
 const mine: Value | undefined = seed.getLocalState('s')
 const theirs: Value | undefined = seed.peerValue('127.0.0.1:9001', 's')
 if (typeof theirs === 'string') console.log(theirs.length)
@@ -110,8 +129,8 @@ const everyone: string[] = [...seed.allPeers(), ...seed.livePeers(), ...seed.dea
 // Monitoring.
 const details: PeerDetail[] = seed.peerDetails()
 for (const d of details) {
-  const row: [string, number, number, number, boolean, boolean, number] =
-    [d.name, d.generation, d.heartbeat, d.maxVersion, d.live, d.left, d.phi]
+  const row: [string, number, number, number, boolean, boolean, number, number] =
+    [d.name, d.generation, d.heartbeat, d.maxVersion, d.live, d.left, d.phi, d.horizon]
   console.log(row)
 }
 const stats: GossiperStats = seed.stats()
