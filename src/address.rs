@@ -61,11 +61,7 @@ pub fn choose_advertised_ip(
     if let Some(ip) = routed(true) {
         return ip;
     }
-    let mut candidates: Vec<IpAddr> = host_addresses
-        .iter()
-        .copied()
-        .filter(usable)
-        .collect();
+    let mut candidates: Vec<IpAddr> = host_addresses.iter().copied().filter(usable).collect();
     // IPv4 first (what most clusters route), private ranges first within a family; among
     // equals the host's interface order is kept (the sort is stable).
     candidates.sort_by_key(|ip| (ip.is_ipv6(), !is_private(ip)));

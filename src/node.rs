@@ -500,6 +500,7 @@ impl<T: Transport> Boot<T> {
         {
             let mut cluster = shared.cluster();
             let generation = next_generation(cluster.generation() + 1);
+            cluster.expire_and_collect(Instant::now());
             cluster.begin_incarnation(name.to_string(), generation, stopped_for);
         }
         tasks.spawn(accept_loop(

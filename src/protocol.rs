@@ -326,8 +326,9 @@ impl Cluster {
 
     /// Local keys past their TTL become deletions; tombstones older than `tombstone_ttl` are
     /// forgotten. Forgetting takes a version of its own (with no key), so the new horizon
-    /// travels like a write.
-    fn expire_and_collect(&mut self, now: Instant) {
+    /// travels like a write. Runs every round, and before a start, so that keys that expired
+    /// while the node was stopped are not part of its next incarnation.
+    pub fn expire_and_collect(&mut self, now: Instant) {
         for key in self.timers.take_expired(now) {
             self.delete_local(&key, now);
         }

@@ -626,3 +626,44 @@ fn a_key_written_with_a_ttl_is_gone_everywhere_a_round_or_two_after_it_expires()
         sim.stop_all().await;
     });
 }
+
+#[test]
+fn a_key_that_expired_while_its_node_was_stopped_is_not_in_its_next_incarnation() {
+    each_seed(|seed| async move {
+        let sim = collecting_cluster(seed).await;
+        let owner = 2;
+        sim.hosts[owner]
+            .node
+            .set_local("lease", value("mine"), Some(Duration::from_secs(20)))
+            .unwrap();
+        sim.hosts[owner]
+            .node
+            .set_local("kept", value("yes"), None)
+            .unwrap();
+        sim.wait(Duration::from_secs(5), "both keys everywhere", |sim| {
+            (0..5).all(|i| sim.keys(i, owner) == ["lease", "kept"])
+        })
+        .await;
+        sim.hosts[owner].node.stop().await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        sim.start(owner).await;
+        sim.wait(
+            Duration::from_secs(30),
+            "the new incarnation everywhere",
+            |sim| (0..5).all(|i| sim.live_peers(i).len() == 4 && sim.keys(i, owner) == ["kept"]),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for i in (0..5).filter(|&i| i != owner) {
+            for event in ["update", "delete"] {
+                let event = format!("{event} {} lease", name(owner));
+                assert_eq!(
+                    sim.hosts[i].events.count(&event),
+                    1,
+                    "seed {seed}: host {i}"
+                );
+            }
+        }
+        sim.stop_all().await;
+    });
+}
