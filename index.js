@@ -28,7 +28,13 @@ const DEFAULTS = Object.freeze({
   address: undefined,
   advertise: undefined,
   clusterName: 'gossiper',
+  keys: undefined,
+  acceptPlaintext: false,
 })
+
+const KEY_BYTES = 32
+// What options.keys shows in place of each key: keys must never reach logs or util.inspect().
+const REDACTED = '[redacted]'
 
 // Event records from the engine (src/binding.rs, EventBatch): kinds 0 and 4 are groups of
 // updates and deletions of one peer; the others name one peer.
@@ -77,6 +83,49 @@ function checkSeed(seed, index) {
   return seed
 }
 
+// A cluster key as the engine takes it: a fresh Buffer of 32 bytes, which the caller wipes once
+// the engine has copied it. Messages name the argument, never the key.
+function keyBytes(value, name) {
+  let bytes
+  if (typeof value === 'string') {
+    bytes = Buffer.from(value, 'base64')
+    if (bytes.toString('base64') !== value) {
+      bytes.fill(0)
+      throw typeError(`The "${name}" argument must be a Buffer of ${KEY_BYTES} bytes or its base64 text (as buf.toString('base64') writes it). Received a string that is not base64`, 'ERR_INVALID_ARG_VALUE')
+    }
+  } else if (value instanceof Uint8Array) {
+    bytes = Buffer.from(value)
+  } else {
+    const what = value === null ? 'null' : typeof value === 'object' ? `an instance of ${value.constructor?.name ?? 'Object'}` : `type ${typeof value}`
+    throw typeError(`The "${name}" argument must be a Buffer of ${KEY_BYTES} bytes or its base64 text. Received ${what}`)
+  }
+  if (bytes.length !== KEY_BYTES) {
+    const length = bytes.length
+    bytes.fill(0)
+    throw Object.assign(new RangeError(`The "${name}" argument must be ${KEY_BYTES} bytes. Received ${length} bytes`), { code: 'ERR_CRYPTO_INVALID_KEYLEN' })
+  }
+  return bytes
+}
+
+// Checks the keys option; returns their bytes (for the engine) and what options.keys shows.
+function checkKeys(keys) {
+  if (keys === undefined) return { secrets: [], shown: undefined }
+  if (!Array.isArray(keys)) throw typeError('The "keys" argument must be an array of keys (32-byte Buffers or base64 strings)')
+  if (keys.length === 0) throw typeError('The "keys" argument must hold at least one key; leave it out for a cluster without keys', 'ERR_INVALID_ARG_VALUE')
+  const secrets = []
+  try {
+    for (let i = 0; i < keys.length; i++) secrets.push(keyBytes(keys[i], `keys[${i}]`))
+  } catch (error) {
+    wipe(secrets)
+    throw error
+  }
+  return { secrets, shown: Object.freeze(keys.map(() => REDACTED)) }
+}
+
+function wipe(buffers) {
+  for (const buffer of buffers) buffer.fill(0)
+}
+
 function normalizeOptions(portOrOptions, seeds, ipToBind) {
   const given = typeof portOrOptions === 'object' && portOrOptions !== null
     ? portOrOptions
@@ -101,7 +150,15 @@ function normalizeOptions(portOrOptions, seeds, ipToBind) {
     throw typeError(`The "clusterName" argument must be a non-empty string of at most 255 bytes. Received ${describe(options.clusterName)}`)
   }
   for (const { name, min, max, integer } of NUMERIC_OPTIONS) checkNumber(name, options[name], min, max, integer)
-  return options
+  if (typeof options.acceptPlaintext !== 'boolean') {
+    throw typeError(`The "acceptPlaintext" argument must be a boolean. Received ${describe(options.acceptPlaintext)}`)
+  }
+  const { secrets, shown } = checkKeys(options.keys)
+  if (options.acceptPlaintext && secrets.length === 0) {
+    throw typeError('The "acceptPlaintext" option needs "keys": without keys every frame is plaintext', 'ERR_INVALID_ARG_VALUE')
+  }
+  options.keys = shown
+  return { options, secrets }
 }
 
 function isAdvertise(value) {
@@ -168,7 +225,7 @@ class Gossiper extends EventEmitter {
    */
   constructor(portOrOptions, seeds = [], ipToBind = undefined) {
     super()
-    const options = normalizeOptions(portOrOptions, seeds, ipToBind)
+    const { options, secrets } = normalizeOptions(portOrOptions, seeds, ipToBind)
     this._options = Object.freeze(options)
     this.peer_name = undefined
     // Where the calls so far lead ('running' or 'stopped'), the last lifecycle step queued, and
@@ -185,7 +242,12 @@ class Gossiper extends EventEmitter {
     // The native side must not keep this object alive, or it could never be collected.
     const self = new WeakRef(this)
     const given = Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined))
-    this._native = new NativeGossiper(given, (batch) => self.deref()?._receive(batch))
+    if (secrets.length > 0) given.keys = secrets
+    try {
+      this._native = new NativeGossiper(given, (batch) => self.deref()?._receive(batch))
+    } finally {
+      wipe(secrets)
+    }
   }
 
   /** The options in force, defaults filled in. */
@@ -325,6 +387,45 @@ class Gossiper extends EventEmitter {
   /** Per-peer detail: generation, heartbeat, maxVersion, live, left and current phi. */
   peerDetails() {
     return this._native.peerDetails()
+  }
+
+  /**
+   * Accepts frames sealed with `key` (a 32-byte Buffer or its base64 text) from now on. Returns
+   * false when it was installed already. Throws ERR_GOSSIP_NO_KEYS on a gossiper created without
+   * keys.
+   */
+  installKey(key) {
+    return this._withKey(key, (bytes) => this._native.installKey(bytes))
+  }
+
+  /** Seals every frame with `key` from now on; it must be installed (ERR_GOSSIP_UNKNOWN_KEY). */
+  useKey(key) {
+    this._withKey(key, (bytes) => this._native.useKey(bytes))
+  }
+
+  /**
+   * Stops accepting `key`. Returns false when it was not installed. The primary key cannot be
+   * removed (ERR_GOSSIP_PRIMARY_KEY): useKey() another first.
+   */
+  removeKey(key) {
+    return this._withKey(key, (bytes) => this._native.removeKey(bytes))
+  }
+
+  /** The installed keys as base64 text, the primary (the one that seals) first. */
+  listKeys() {
+    const buffers = this._native.listKeys()
+    const keys = buffers.map((buffer) => buffer.toString('base64'))
+    wipe(buffers)
+    return keys
+  }
+
+  _withKey(key, use) {
+    const bytes = keyBytes(key, 'key')
+    try {
+      return use(bytes)
+    } finally {
+      bytes.fill(0)
+    }
   }
 
   /** Engine counters: messages, bytes, exchanges, pushes, and frames rejected by reason. */

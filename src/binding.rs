@@ -10,6 +10,7 @@
 use crate::config::{OptionError, Settings, DEFAULT_CLUSTER_NAME, NUMERIC_OPTIONS, OTHER_OPTIONS};
 use crate::node::{runtime, Listen, Node};
 use crate::protocol::{Event, EventSink};
+use crate::seal::{KeyError, Keys, KEY_BYTES};
 use crate::wire::Rejection;
 use bytes::Bytes;
 use napi::bindgen_prelude::*;
@@ -19,6 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use zeroize::Zeroizing;
 
 /// The longest TTL a key may be written with, in milliseconds (a year); the shortest is 1.
 #[napi]
@@ -80,6 +82,7 @@ pub struct NativeStats {
     pub seed_resolve_failures: f64,
     /// New incarnations begun to refute claims about this node that it did not make.
     pub refutations: f64,
+    pub plaintext_accepted: f64,
     /// Frames (or, for `implausible`, node entries) dropped, by reason.
     pub rejected: std::collections::HashMap<String, f64>,
 }
@@ -204,11 +207,46 @@ fn invalid(code: &'static str, message: String) -> OptionError {
     OptionError::type_error(code, message)
 }
 
+/// Throws a plain Error carrying `code`.
+fn throw_error(env: &Env, code: &str, message: &str) -> Error {
+    match env.throw_error(message, Some(code)) {
+        Ok(()) => Error::new(Status::PendingException, message.to_owned()),
+        Err(e) => e,
+    }
+}
+
+/// A key's bytes, copied into memory that is wiped when dropped. The message names the
+/// argument and the length, never the bytes.
+fn secret(
+    bytes: &[u8],
+    argument: &str,
+) -> std::result::Result<Zeroizing<[u8; KEY_BYTES]>, OptionError> {
+    let mut secret = Zeroizing::new([0u8; KEY_BYTES]);
+    if bytes.len() != KEY_BYTES {
+        return Err(OptionError {
+            range: true,
+            code: "ERR_CRYPTO_INVALID_KEYLEN",
+            message: format!(
+                "The \"{argument}\" argument must be {KEY_BYTES} bytes. Received {} bytes",
+                bytes.len()
+            ),
+        });
+    }
+    secret.copy_from_slice(bytes);
+    Ok(secret)
+}
+
+/// What a node is created with, besides its settings.
+struct Options {
+    settings: Settings,
+    listen: Listen,
+    seeds: Vec<String>,
+    keys: Vec<Zeroizing<[u8; KEY_BYTES]>>,
+}
+
 /// Reads and checks every option: the native class is reachable from JavaScript, so it trusts
 /// nothing `index.js` checked already.
-fn read_options(
-    options: &Object,
-) -> std::result::Result<(Settings, Listen, Vec<String>), OptionError> {
+fn read_options(options: &Object) -> std::result::Result<Options, OptionError> {
     let keys = Object::keys(options).map_err(|e| invalid("ERR_INVALID_ARG_TYPE", e.reason))?;
     for key in &keys {
         let known =
@@ -241,7 +279,43 @@ fn read_options(
         }
     }
     let cluster_name = text("clusterName")?.unwrap_or_else(|| DEFAULT_CLUSTER_NAME.into());
-    let settings = Settings::from_options(cluster_name, |name| numbers.get(name).copied())?;
+    let mut settings = Settings::from_options(cluster_name, |name| numbers.get(name).copied())?;
+    let key_buffers = options.get::<Vec<Buffer>>("keys").map_err(|_| {
+        invalid(
+            "ERR_INVALID_ARG_TYPE",
+            "The \"keys\" argument must be an array of 32-byte Buffers".into(),
+        )
+    })?;
+    let keys = match key_buffers {
+        None => Vec::new(),
+        Some(buffers) if buffers.is_empty() => {
+            return Err(invalid(
+                "ERR_INVALID_ARG_VALUE",
+                "The \"keys\" argument must hold at least one key".into(),
+            ))
+        }
+        Some(buffers) => buffers
+            .iter()
+            .enumerate()
+            .map(|(i, buffer)| secret(buffer, &format!("keys[{i}]")))
+            .collect::<std::result::Result<_, _>>()?,
+    };
+    settings.accept_plaintext = options
+        .get::<bool>("acceptPlaintext")
+        .map_err(|_| {
+            invalid(
+                "ERR_INVALID_ARG_TYPE",
+                "The \"acceptPlaintext\" argument must be a boolean".into(),
+            )
+        })?
+        .unwrap_or(false);
+    if settings.accept_plaintext && keys.is_empty() {
+        return Err(invalid(
+            "ERR_INVALID_ARG_VALUE",
+            "The \"acceptPlaintext\" option needs \"keys\": without keys every frame is plaintext"
+                .into(),
+        ));
+    }
     let address = match text("address")? {
         None => None,
         Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
@@ -278,15 +352,34 @@ fn read_options(
         }
     }
     let port = numbers.get("port").copied().unwrap_or(0.0) as u16;
-    Ok((
+    Ok(Options {
         settings,
-        Listen {
+        listen: Listen {
             port,
             address,
             advertise,
         },
         seeds,
-    ))
+        keys,
+    })
+}
+
+fn key_error(env: &Env, error: KeyError) -> Error {
+    let (code, message) = match error {
+        KeyError::NoKeyring => (
+            "ERR_GOSSIP_NO_KEYS",
+            "This gossiper was created without keys: its frames are plaintext for its whole life",
+        ),
+        KeyError::NotInstalled => (
+            "ERR_GOSSIP_UNKNOWN_KEY",
+            "The key is not installed: installKey() it first",
+        ),
+        KeyError::Primary => (
+            "ERR_GOSSIP_PRIMARY_KEY",
+            "The primary key cannot be removed: useKey() another key first",
+        ),
+    };
+    throw_error(env, code, message)
 }
 
 /// `ip:port`, `[v6]:port`, or a bare IP (port 0: the port we listen on).
@@ -303,7 +396,12 @@ impl NativeGossiper {
     /// TypeError or RangeError with a Node-style `code`.
     #[napi(constructor)]
     pub fn new(env: Env, options: Object, on_events: Function<Buffer, ()>) -> Result<Self> {
-        let (settings, listen, seeds) = read_options(&options).map_err(|e| throw(&env, e))?;
+        let Options {
+            settings,
+            listen,
+            seeds,
+            keys,
+        } = read_options(&options).map_err(|e| throw(&env, e))?;
         let batch = Arc::new(Mutex::new(EventBatch::default()));
         let sink = Arc::new(JsSink {
             batch: batch.clone(),
@@ -320,7 +418,7 @@ impl NativeGossiper {
                 Ok(Buffer::from(std::mem::take(&mut batch.bytes)))
             })?;
         let _ = sink.deliver.set(deliver);
-        let node = Node::new(settings, seeds, sink);
+        let node = Node::new(settings, seeds, sink).with_keys(Keys::new(keys));
         Ok(NativeGossiper {
             node: Arc::new(node),
             listen,
@@ -460,6 +558,48 @@ impl NativeGossiper {
             .collect()
     }
 
+    /// Accepts frames sealed with `key` from now on. False when it was installed already.
+    #[napi]
+    pub fn install_key(&self, env: Env, key: Buffer) -> Result<bool> {
+        let secret = secret(&key, "key").map_err(|e| throw(&env, e))?;
+        self.node
+            .keys()
+            .install(secret)
+            .map_err(|e| key_error(&env, e))
+    }
+
+    /// Seals with the installed `key` from now on.
+    #[napi]
+    pub fn use_key(&self, env: Env, key: Buffer) -> Result<()> {
+        let secret = secret(&key, "key").map_err(|e| throw(&env, e))?;
+        self.node
+            .keys()
+            .make_primary(&secret)
+            .map_err(|e| key_error(&env, e))
+    }
+
+    /// Stops accepting `key`. False when it was not installed.
+    #[napi]
+    pub fn remove_key(&self, env: Env, key: Buffer) -> Result<bool> {
+        let secret = secret(&key, "key").map_err(|e| throw(&env, e))?;
+        self.node
+            .keys()
+            .remove(&secret)
+            .map_err(|e| key_error(&env, e))
+    }
+
+    /// Copies of the installed keys, primary first, for `index.js` to encode and wipe.
+    #[napi]
+    pub fn list_keys(&self) -> Vec<Buffer> {
+        self.node
+            .keys()
+            .current()
+            .keys()
+            .iter()
+            .map(|key| Buffer::from(key.secret().to_vec()))
+            .collect()
+    }
+
     #[napi]
     pub fn stats(&self) -> NativeStats {
         let c = self.node.counters();
@@ -476,6 +616,7 @@ impl NativeGossiper {
             connections_refused: n(&c.connections_refused),
             seed_resolve_failures: n(&c.seed_resolve_failures),
             refutations: n(&c.refutations),
+            plaintext_accepted: n(&c.plaintext_accepted),
             rejected: Rejection::ALL
                 .iter()
                 .map(|r| (r.as_str().to_owned(), c.rejected(*r) as f64))

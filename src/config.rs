@@ -55,7 +55,14 @@ pub const NUMERIC_OPTIONS: &[NumericOption] = &[
 ];
 
 /// Options that are not numbers; with [`NUMERIC_OPTIONS`] they are every option there is.
-pub const OTHER_OPTIONS: &[&str] = &["seeds", "address", "advertise", "clusterName"];
+pub const OTHER_OPTIONS: &[&str] = &[
+    "seeds",
+    "address",
+    "advertise",
+    "clusterName",
+    "keys",
+    "acceptPlaintext",
+];
 
 pub const DEFAULT_CLUSTER_NAME: &str = "gossiper";
 
@@ -131,9 +138,14 @@ pub struct Settings {
     /// How long a connection may wait for its next frame, and a send may take.
     pub idle_timeout: Duration,
     pub max_inbound_connections: usize,
-    /// How far ahead of our clock another node's clock may run: a generation (its start time)
-    /// further ahead is refused as implausible. See `docs/protocol.md`.
+    /// How far apart the clocks of two members may be: a generation (a start time) further
+    /// ahead of ours is refused as implausible, a sealed frame stamped further from our clock is
+    /// stale, and within it the first frames of connections are remembered so that a replay is
+    /// dropped. See `docs/protocol.md`.
     pub max_clock_skew: Duration,
+    /// With keys: accept plaintext frames too (and answer them in plaintext), for turning
+    /// encryption on in a running cluster. Counted in `Counters::plaintext_accepted`.
+    pub accept_plaintext: bool,
 }
 
 impl Default for Settings {
@@ -188,6 +200,7 @@ impl Settings {
             idle_timeout: ms("idleTimeout"),
             max_inbound_connections: get("maxInboundConnections") as usize,
             max_clock_skew: ms("maxClockSkew"),
+            accept_plaintext: false,
         };
         let largest_entry = settings.limits.max_value_bytes + settings.limits.max_key_bytes;
         if largest_entry > settings.largest_entry_budget() {

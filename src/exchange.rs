@@ -2,31 +2,104 @@
 //! exchange, the Push tree that broadcasts fresh changes, and the Suspect broadcast. Each
 //! function drives the synchronous [`Cluster`](crate::protocol::Cluster) with what arrives and
 //! sends what it answers; none holds the cluster lock across an await.
+//!
+//! With keys, every frame is sealed (see [`crate::seal`]) and bound to its connection: a frame
+//! must answer the last frame we sent on it (nothing, for the first), so a recorded frame cannot
+//! be spliced into another exchange, and first frames are remembered for the freshness window.
+//! A responder answers in the form of the first frame: sealed under the key it used, or, under
+//! `accept_plaintext`, in plaintext.
 
 use crate::node::Shared;
 use crate::peers::Membership;
-use crate::protocol::{Cluster, Suspicion, SynReply, Target};
+use crate::protocol::{unix_ms, Cluster, Suspicion, SynReply, Target};
+use crate::seal::{self, Key, Stamp};
 use crate::transport::{Connection, Transport};
 use crate::wire::{self, Message, Rejection};
+use bytes::{Bytes, BytesMut};
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio::time::{timeout, Instant};
 
+/// One connection and what its frames have settled so far.
+pub(crate) struct Link<C> {
+    conn: C,
+    form: Form,
+    /// The tag of the last sealed frame we sent here, which the peer's next frame must answer.
+    sent: u64,
+    /// The tag of the last sealed frame we received here, which our next frame answers.
+    received: u64,
+    /// `seal::recipient_tag` of the node we connected to by name; 0 otherwise.
+    recipient: u64,
+}
+
+enum Form {
+    /// A responder before the first frame, which decides.
+    Undecided,
+    Plain,
+    /// Sealed under this key: our primary when we connected, the peer's key when it did.
+    Sealed(Arc<Key>),
+}
+
+impl<C: Connection> Link<C> {
+    /// A connection we opened to the node named `recipient`, or to a seed address (`None`).
+    fn opened<T: Transport>(shared: &Shared<T>, conn: C, recipient: Option<&str>) -> Self {
+        let form = match shared.keys.current().primary() {
+            Some(key) => Form::Sealed(key.clone()),
+            None => Form::Plain,
+        };
+        Link {
+            conn,
+            form,
+            sent: 0,
+            received: 0,
+            recipient: recipient.map_or(0, seal::recipient_tag),
+        }
+    }
+
+    fn accepted(conn: C) -> Self {
+        Link {
+            conn,
+            form: Form::Undecided,
+            sent: 0,
+            received: 0,
+            recipient: 0,
+        }
+    }
+}
+
 /// Sends one message; a send that does not complete within `idle_timeout` fails.
 async fn send<T: Transport>(
     shared: &Shared<T>,
-    conn: &mut T::Connection,
+    link: &mut Link<T::Connection>,
     message: &Message,
 ) -> io::Result<()> {
-    let name = shared.cluster().name().to_owned();
-    let frame = wire::encode(&shared.settings.cluster_name, &name, message);
+    let (name, generation) = {
+        let cluster = shared.cluster();
+        (cluster.name().to_owned(), cluster.generation())
+    };
+    let cluster_name = &shared.settings.cluster_name;
+    let body = wire::encode(cluster_name, &name, message);
+    let frame = match &link.form {
+        Form::Sealed(key) => {
+            let stamp = Stamp {
+                sent_at: unix_ms(),
+                generation,
+                answers: link.received,
+                recipient: link.recipient,
+            };
+            let (sealed, tag) = seal::seal(key, cluster_name, &stamp, seal::random_nonce(), &body);
+            link.sent = tag;
+            Bytes::from(sealed)
+        }
+        Form::Plain | Form::Undecided => body,
+    };
     shared.counters.messages_sent.fetch_add(1, Relaxed);
     shared
         .counters
         .bytes_sent
         .fetch_add(frame.len() as u64 + 4, Relaxed);
-    let sent = timeout(shared.settings.idle_timeout, conn.send(frame))
+    let sent = timeout(shared.settings.idle_timeout, link.conn.send(frame))
         .await
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
     if sent.is_err() {
@@ -38,10 +111,10 @@ async fn send<T: Transport>(
 /// The next message, or None when the peer closed, timed out or sent something we drop.
 async fn receive<T: Transport>(
     shared: &Shared<T>,
-    conn: &mut T::Connection,
+    link: &mut Link<T::Connection>,
 ) -> Option<(String, Message)> {
     let counters = &shared.counters;
-    let frame = match timeout(shared.settings.idle_timeout, conn.recv()).await {
+    let mut frame = match timeout(shared.settings.idle_timeout, link.conn.recv()).await {
         Ok(Some(Ok(frame))) => frame,
         Ok(Some(Err(error))) => {
             let oversized = error.kind() == io::ErrorKind::InvalidData;
@@ -58,11 +131,7 @@ async fn receive<T: Transport>(
     counters
         .bytes_received
         .fetch_add(frame.len() as u64 + 4, Relaxed);
-    match wire::decode(
-        &frame,
-        &shared.settings.cluster_name,
-        &shared.settings.limits,
-    ) {
+    match take(shared, link, &mut frame) {
         Ok(message) => Some(message),
         Err(reason) => {
             counters.reject(reason);
@@ -71,9 +140,63 @@ async fn receive<T: Transport>(
     }
 }
 
+/// Opens (when sealed), checks and decodes one frame that arrived on `link`.
+fn take<T: Transport>(
+    shared: &Shared<T>,
+    link: &mut Link<T::Connection>,
+    frame: &mut BytesMut,
+) -> Result<(String, Message), Rejection> {
+    let settings = &shared.settings;
+    if !seal::is_sealed(frame) {
+        if !shared.keys.current().is_empty() {
+            if !settings.accept_plaintext || matches!(link.form, Form::Sealed(_)) {
+                return Err(Rejection::Plaintext);
+            }
+            shared.counters.plaintext_accepted.fetch_add(1, Relaxed);
+        }
+        link.form = Form::Plain;
+        return wire::decode(frame, &settings.cluster_name, &settings.limits);
+    }
+    let opened = seal::open(&shared.keys.current(), &settings.cluster_name, frame)?;
+    if matches!(link.form, Form::Plain) {
+        return Err(Rejection::Unexpected);
+    }
+    let stamp = opened.stamp;
+    if stamp.answers != link.sent {
+        return Err(Rejection::Replayed);
+    }
+    {
+        let mut guard = shared.replay_guard();
+        if link.sent == 0 {
+            guard.admit(stamp.sent_at, opened.nonce_id, unix_ms())?;
+        } else {
+            // A reply answers our own fresh frame: it cannot have been seen before.
+            guard.check_fresh(stamp.sent_at, unix_ms())?;
+        }
+    }
+    let (from, message) = wire::decode(frame, &settings.cluster_name, &settings.limits)?;
+    {
+        let cluster = shared.cluster();
+        let ours = cluster.name();
+        if from == ours || stamp.recipient != 0 && stamp.recipient != seal::recipient_tag(ours) {
+            return Err(Rejection::Replayed);
+        }
+        if cluster
+            .generation_of(&from)
+            .is_some_and(|known| known > stamp.generation)
+        {
+            return Err(Rejection::Stale);
+        }
+    }
+    link.received = opened.tag;
+    link.form = Form::Sealed(opened.key);
+    Ok((from, message))
+}
+
 /// Responder side of one connection: an exchange, or a push.
-pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, mut conn: T::Connection) {
-    let Some((_, mut message)) = receive(shared, &mut conn).await else {
+pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, conn: T::Connection) {
+    let mut link = Link::accepted(conn);
+    let Some((_, mut message)) = receive(shared, &mut link).await else {
         return;
     };
     if let Message::CompactSyn {
@@ -85,12 +208,12 @@ pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, mut conn: T::Connect
             cluster.handle_compact_syn(*membership_hash, versions, Instant::now())
         });
         if let Some(reply) = reply {
-            return answer_syn(shared, conn, reply).await;
+            return answer_syn(shared, link, reply).await;
         }
-        if send(shared, &mut conn, &Message::NeedDigest).await.is_err() {
+        if send(shared, &mut link, &Message::NeedDigest).await.is_err() {
             return;
         }
-        let Some((_, next)) = receive(shared, &mut conn).await else {
+        let Some((_, next)) = receive(shared, &mut link).await else {
             return;
         };
         message = next;
@@ -100,7 +223,7 @@ pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, mut conn: T::Connect
             let reply = absorb(shared, |cluster| {
                 cluster.handle_syn(&digest, Instant::now())
             });
-            answer_syn(shared, conn, reply).await;
+            answer_syn(shared, link, reply).await;
         }
         Message::Suspect {
             name,
@@ -140,7 +263,11 @@ pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, mut conn: T::Connect
 }
 
 /// Sends the SynAck, then applies the Ack that ends the exchange.
-async fn answer_syn<T: Transport>(shared: &Shared<T>, mut conn: T::Connection, reply: SynReply) {
+async fn answer_syn<T: Transport>(
+    shared: &Shared<T>,
+    mut link: Link<T::Connection>,
+    reply: SynReply,
+) {
     let SynReply {
         deltas,
         requests,
@@ -148,7 +275,7 @@ async fn answer_syn<T: Transport>(shared: &Shared<T>, mut conn: T::Connection, r
     } = reply;
     if send(
         shared,
-        &mut conn,
+        &mut link,
         &Message::SynAck {
             deltas,
             requests,
@@ -160,7 +287,7 @@ async fn answer_syn<T: Transport>(shared: &Shared<T>, mut conn: T::Connection, r
     {
         return;
     }
-    match receive(shared, &mut conn).await {
+    match receive(shared, &mut link).await {
         Some((_, Message::Ack { deltas })) => {
             absorb(shared, |cluster| {
                 cluster.apply_deltas(deltas, Instant::now())
@@ -188,18 +315,18 @@ fn absorb<T: Transport, R>(shared: &Shared<T>, feed: impl FnOnce(&mut Cluster) -
     result
 }
 
-async fn connect<T: Transport>(shared: &Shared<T>, target: &Target) -> Option<T::Connection> {
-    let address = match target {
-        Target::Peer(name) => name.parse().ok(),
-        Target::Seed(seed) => shared.resolve_seed(seed).await,
-    }?;
+async fn connect<T: Transport>(shared: &Shared<T>, target: &Target) -> Option<Link<T::Connection>> {
+    let (address, recipient) = match target {
+        Target::Peer(name) => (name.parse().ok(), Some(name.as_str())),
+        Target::Seed(seed) => (shared.resolve_seed(seed).await, None),
+    };
     match timeout(
         shared.settings.connect_timeout,
-        shared.transport.connect(address),
+        shared.transport.connect(address?),
     )
     .await
     {
-        Ok(Ok(connection)) => Some(connection),
+        Ok(Ok(connection)) => Some(Link::opened(shared, connection, recipient)),
         _ => {
             shared.counters.connect_failures.fetch_add(1, Relaxed);
             None
@@ -214,7 +341,7 @@ pub(crate) async fn exchange<T: Transport>(
     target: Target,
     compact: Option<(Arc<Membership>, Vec<u64>)>,
 ) {
-    let Some(mut conn) = connect(shared, &target).await else {
+    let Some(mut link) = connect(shared, &target).await else {
         return;
     };
     let (membership, versions) = compact.unzip();
@@ -225,20 +352,20 @@ pub(crate) async fn exchange<T: Transport>(
             membership_hash: membership.hash,
             versions,
         };
-        if send(shared, &mut conn, &message).await.is_err() {
+        if send(shared, &mut link, &message).await.is_err() {
             return;
         }
-        response = receive(shared, &mut conn).await;
+        response = receive(shared, &mut link).await;
     }
     if positions.is_none() || matches!(response, Some((_, Message::NeedDigest))) {
         let digest = shared.cluster().digest();
-        if send(shared, &mut conn, &Message::Syn { digest })
+        if send(shared, &mut link, &Message::Syn { digest })
             .await
             .is_err()
         {
             return;
         }
-        response = receive(shared, &mut conn).await;
+        response = receive(shared, &mut link).await;
         positions = None;
     }
     let reply = match response {
@@ -260,7 +387,7 @@ pub(crate) async fn exchange<T: Transport>(
     let answers = absorb(shared, |cluster| {
         cluster.handle_syn_ack(reply, positions, Instant::now())
     });
-    if send(shared, &mut conn, &Message::Ack { deltas: answers })
+    if send(shared, &mut link, &Message::Ack { deltas: answers })
         .await
         .is_ok()
     {
@@ -302,10 +429,10 @@ async fn broadcast<T: Transport>(
         let message = &message;
         async move {
             for (i, peer) in share.iter().enumerate() {
-                let Some(mut conn) = connect(shared, &Target::Peer(peer.clone())).await else {
+                let Some(mut link) = connect(shared, &Target::Peer(peer.clone())).await else {
                     continue;
                 };
-                if send(shared, &mut conn, &message(share[i + 1..].to_vec()))
+                if send(shared, &mut link, &message(share[i + 1..].to_vec()))
                     .await
                     .is_ok()
                 {

@@ -2,6 +2,7 @@
 //!
 //! The engine is plain Rust; only [`binding`] knows about Node-API.
 //! - [`wire`]: frames and message encodings, and the checks every inbound frame passes.
+//! - [`seal`]: authenticated encryption of frames under a keyring, and replay protection.
 //! - [`protocol`]: the Scuttlebutt state machine, peer selection and liveness.
 //!   - [`store`]: one node's keys and versions; [`peers`]: the peer table and membership.
 //! - [`detector`]: phi-accrual failure detection.
@@ -18,6 +19,7 @@ pub mod exchange;
 pub mod node;
 pub mod peers;
 pub mod protocol;
+pub mod seal;
 pub mod store;
 pub mod transport;
 pub mod wire;

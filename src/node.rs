@@ -12,6 +12,7 @@ use crate::address;
 use crate::config::Settings;
 use crate::exchange;
 use crate::protocol::{self, Cluster, EventSink, PeerInfo, Tally};
+use crate::seal::{Keys, ReplayGuard};
 use crate::transport::{Listener, Tcp, Transport};
 use crate::wire::{self, Rejection};
 use bytes::Bytes;
@@ -86,6 +87,9 @@ pub struct Counters {
     pub seed_resolve_failures: AtomicU64,
     /// New incarnations begun to refute claims about this node that it did not make.
     pub refutations: AtomicU64,
+    /// Plaintext frames taken by a node with keys under `accept_plaintext`: once this stops
+    /// rising everywhere, every member seals and plaintext can be refused.
+    pub plaintext_accepted: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
 
@@ -153,6 +157,9 @@ pub(crate) struct Shared<T> {
     pub(crate) counters: Counters,
     seeds: Vec<String>,
     pub(crate) transport: T,
+    /// Empty without keys: frames then travel in plaintext.
+    pub(crate) keys: Keys,
+    pub(crate) replay_guard: Mutex<ReplayGuard>,
     /// The IP we listen on (unspecified for every interface) and our name, for recognising
     /// ourselves among the seeds.
     local: Mutex<(IpAddr, Option<SocketAddr>)>,
@@ -168,6 +175,10 @@ impl<T: Transport> Shared<T> {
     pub(crate) fn cluster(&self) -> MutexGuard<'_, Cluster> {
         // A panic while holding the lock is a bug; the state is still the best we have.
         self.cluster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn replay_guard(&self) -> MutexGuard<'_, ReplayGuard> {
+        self.replay_guard.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn rng(&self) -> SmallRng {
@@ -292,10 +303,12 @@ impl<T: Transport> Node<T> {
         Node {
             shared: Arc::new(Shared {
                 cluster: Mutex::new(Cluster::new(settings.clone(), sink)),
+                replay_guard: Mutex::new(ReplayGuard::new(settings.max_clock_skew)),
                 settings,
                 counters: Counters::default(),
                 seeds,
                 transport,
+                keys: Keys::default(),
                 local: Mutex::new((IpAddr::V6(Ipv6Addr::UNSPECIFIED), None)),
                 push_wanted: Notify::new(),
                 rng_seed,
@@ -304,6 +317,19 @@ impl<T: Transport> Node<T> {
             lifecycle: Arc::new(Mutex::new(Lifecycle::Stopped { since: None })),
             last_port: AtomicU64::new(0),
         }
+    }
+
+    /// Seals every frame with `keys` (see [`crate::seal`]). Set at construction: a node with
+    /// keys never goes back to plaintext, and one without never gets any.
+    pub fn with_keys(mut self, keys: Keys) -> Self {
+        Arc::get_mut(&mut self.shared)
+            .expect("keys are set right after construction")
+            .keys = keys;
+        self
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.shared.keys
     }
 
     fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {

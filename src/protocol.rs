@@ -374,6 +374,11 @@ impl Cluster {
         }
     }
 
+    /// The generation we hold for `name`, ourselves included.
+    pub fn generation_of(&self, name: &str) -> Option<u64> {
+        self.node(name).map(|node| node.generation)
+    }
+
     pub fn node_value(&self, name: &str, key: &str) -> Option<&Bytes> {
         self.node(name)?.value(key)
     }

@@ -4,7 +4,9 @@
 //! two consecutive MessagePack values, a [`Header`] and the payload its `kind` names. Decoding
 //! never trusts the peer: every frame is bounded by [`Limits`], every name, key and value is
 //! checked, and anything that fails is reported as a [`Rejection`] for the caller to count and
-//! drop. `docs/protocol.md` describes the same format for people writing a compatible peer.
+//! drop. In a cluster with keys the frame body is sealed instead (see [`crate::seal`]), and
+//! opens to these same bytes. `docs/protocol.md` describes the same format for people writing
+//! a compatible peer.
 
 use bytes::{Bytes, BytesMut};
 use serde::{de::IgnoredAny, Deserialize, Serialize};
@@ -199,10 +201,23 @@ pub enum Rejection {
     /// a heartbeat or version beyond what the time since that generation allows). Counted per
     /// node entry refused, the rest of the frame is used: see `Cluster` in `protocol.rs`.
     Implausible,
+    /// A plaintext frame at a node with keys (and without `acceptPlaintext`).
+    Plaintext,
+    /// Sealed under a key id none of our keys has (or we have no keys).
+    UnknownKey,
+    /// Sealed, but does not authenticate under our key with its id: altered, forged, or meant
+    /// for another cluster.
+    Forged,
+    /// Sealed too long ago (or ahead) by the sender's clock, or by an incarnation of the sender
+    /// older than one we know.
+    Stale,
+    /// Sealed, fresh, but seen before, addressed to another node, or not answering the frame
+    /// we last sent on its connection.
+    Replayed,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 15] = [
         Rejection::Malformed,
         Rejection::Oversized,
         Rejection::WrongVersion,
@@ -213,6 +228,11 @@ impl Rejection {
         Rejection::OutOfBounds,
         Rejection::Unexpected,
         Rejection::Implausible,
+        Rejection::Plaintext,
+        Rejection::UnknownKey,
+        Rejection::Forged,
+        Rejection::Stale,
+        Rejection::Replayed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -227,6 +247,11 @@ impl Rejection {
             Rejection::OutOfBounds => "outOfBounds",
             Rejection::Unexpected => "unexpected",
             Rejection::Implausible => "implausible",
+            Rejection::Plaintext => "plaintext",
+            Rejection::UnknownKey => "unknownKey",
+            Rejection::Forged => "forged",
+            Rejection::Stale => "stale",
+            Rejection::Replayed => "replayed",
         }
     }
 }
