@@ -9,8 +9,9 @@
 //! ```
 //!
 //! `c1` is never the first byte of MessagePack, so a sealed frame cannot be mistaken for a
-//! plaintext one. The key id is the first 4 bytes of BLAKE2s-MAC(key, "gossiper key id"): a
-//! receiver tries only its keys with that id, so a flood of frames costs one attempt each. The
+//! plaintext one. The key id is HKDF-SHA256 of the key (no salt, info "gossiper key id"), 4
+//! bytes: it tells nothing of the key, and a receiver tries only its keys with that id, so a
+//! flood of frames costs one attempt each. The
 //! associated data is the 7 clear header bytes followed by the cluster name. The plaintext is a
 //! [`Stamp`] (32 bytes) followed by the plaintext frame body of `wire`.
 //!
@@ -19,12 +20,12 @@
 //! drops them.
 
 use crate::wire::Rejection;
-use blake2::digest::{KeyInit, Mac};
-use blake2::Blake2sMac256;
 use bytes::{Buf, BytesMut};
 use chacha20poly1305::aead::AeadInOut;
-use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use chacha20poly1305::{KeyInit, Tag, XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
 use rand::RngCore;
+use sha2::Sha256;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, RwLock};
@@ -57,12 +58,11 @@ pub struct Key {
 
 impl Key {
     pub fn new(secret: Zeroizing<[u8; KEY_BYTES]>) -> Key {
-        let mut mac = <Blake2sMac256 as KeyInit>::new_from_slice(&secret[..])
-            .expect("BLAKE2s takes 32-byte keys");
-        mac.update(KEY_ID_CONTEXT);
-        let digest = mac.finalize().into_bytes();
-        let id = [digest[0], digest[1], digest[2], digest[3]];
-        let cipher = <XChaCha20Poly1305 as KeyInit>::new_from_slice(&secret[..])
+        let mut id = [0; 4];
+        Hkdf::<Sha256>::new(None, &secret[..])
+            .expand(KEY_ID_CONTEXT, &mut id)
+            .expect("HKDF-SHA256 gives up to 8160 bytes");
+        let cipher = XChaCha20Poly1305::new_from_slice(&secret[..])
             .expect("XChaCha20-Poly1305 takes 32-byte keys");
         Key { id, secret, cipher }
     }
@@ -393,5 +393,253 @@ impl ReplayGuard {
     /// Nonces remembered now.
     pub fn remembered(&self) -> usize {
         self.buckets.iter().map(|(_, seen)| seen.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{self, Limits, Message};
+
+    fn secret_from(bytes: [u8; KEY_BYTES]) -> Zeroizing<[u8; KEY_BYTES]> {
+        Zeroizing::new(bytes)
+    }
+
+    /// The key whose first four bytes hold `n` (little-endian) and the rest zeros.
+    fn numbered(n: u32) -> Zeroizing<[u8; KEY_BYTES]> {
+        let mut bytes = [0; KEY_BYTES];
+        bytes[..4].copy_from_slice(&n.to_le_bytes());
+        secret_from(bytes)
+    }
+
+    fn counting_key() -> Zeroizing<[u8; KEY_BYTES]> {
+        secret_from(std::array::from_fn(|i| i as u8))
+    }
+
+    fn ring(secrets: Vec<Zeroizing<[u8; KEY_BYTES]>>) -> Arc<Keyring> {
+        Keys::new(secrets).current()
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn body() -> Vec<u8> {
+        wire::encode(
+            "c",
+            "10.0.0.1:9000",
+            &Message::Suspect {
+                name: "10.0.0.2:9001".into(),
+                generation: 7,
+                heartbeat: 3,
+                forward_to: vec![],
+            },
+        )
+        .to_vec()
+    }
+
+    const STAMP: Stamp = Stamp {
+        sent_at: 1_700_000_000_000,
+        generation: 1_699_999_000_000,
+        answers: 0x0102_0304_0506_0708,
+        recipient: 0x1112_1314_1516_1718,
+    };
+    const NONCE: [u8; 24] = [
+        0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x47, 0x48, 0x49, 0x4a, 0x4b, 0x4c, 0x4d, 0x4e,
+        0x4f, 0x50, 0x51, 0x52, 0x53, 0x54, 0x55, 0x56, 0x57,
+    ];
+
+    /// A frame sealed with key 00..1f and nonce 40..57 in cluster "c", checked independently
+    /// with Node's chacha20-poly1305 and HChaCha20 written from its RFC draft: a change here
+    /// breaks peers.
+    const GOLDEN: &str =
+        "c101017b5024e5404142434445464748494a4b4c4d4e4f5051525354555657d43904fb1f0511168ff4863560\
+         4a405293b8aec0165f54927b23ee511c12348882f8a30df8a3b43ecf9cc4623be0e3c1ab5b7a7cc2b484b286\
+         d238da218875646a1aff71847b560e491e3f18af3d5425efcdda1519";
+
+    fn golden_frame() -> BytesMut {
+        let key = Key::new(counting_key());
+        BytesMut::from(&seal(&key, "c", &STAMP, NONCE, &body()).0[..])
+    }
+
+    #[test]
+    fn golden_sealed_frame() {
+        let key = Key::new(counting_key());
+        assert_eq!(hex(&key.id()), "7b5024e5", "HKDF-SHA256 key id");
+        let (sealed, tag) = seal(&key, "c", &STAMP, NONCE, &body());
+        assert_eq!(hex(&sealed), GOLDEN);
+        assert_eq!(sealed.len(), body().len() + OVERHEAD);
+        assert_eq!(tag, 0x4041_4243_4445_4647);
+
+        let mut frame = BytesMut::from(&sealed[..]);
+        let opened = open(&ring(vec![counting_key()]), "c", &mut frame).unwrap();
+        assert_eq!(opened.stamp, STAMP);
+        assert_eq!(opened.tag, tag);
+        assert_eq!(&frame[..], &body()[..]);
+        let (from, _) = wire::decode(&frame, "c", &Limits::default()).unwrap();
+        assert_eq!(from, "10.0.0.1:9000");
+    }
+
+    #[test]
+    fn every_altered_or_truncated_frame_is_rejected() {
+        let keyring = ring(vec![counting_key()]);
+        let original = golden_frame();
+        for at in 0..original.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut frame = original.clone();
+                frame[at] ^= flip;
+                let result = open(&keyring, "c", &mut frame);
+                assert!(result.is_err(), "byte {at} ^ {flip:#04x} opened");
+            }
+        }
+        for end in 0..original.len() {
+            let mut frame = BytesMut::from(&original[..end]);
+            assert!(open(&keyring, "c", &mut frame).is_err(), "prefix {end}");
+        }
+        let mut longer = original.clone();
+        longer.extend_from_slice(&[0]);
+        assert_eq!(
+            open(&keyring, "c", &mut longer).err(),
+            Some(Rejection::Forged)
+        );
+
+        let mut frame = original.clone();
+        frame[1] = 2;
+        assert_eq!(
+            open(&keyring, "c", &mut frame).err(),
+            Some(Rejection::WrongVersion)
+        );
+        let mut frame = original.clone();
+        frame[10] ^= 1; // the nonce
+        assert_eq!(
+            open(&keyring, "c", &mut frame).err(),
+            Some(Rejection::Forged)
+        );
+    }
+
+    #[test]
+    fn another_key_or_another_cluster_does_not_open() {
+        let mut frame = golden_frame();
+        assert_eq!(
+            open(&ring(vec![numbered(1)]), "c", &mut frame).err(),
+            Some(Rejection::UnknownKey)
+        );
+        assert_eq!(
+            open(&Keyring::default(), "c", &mut frame).err(),
+            Some(Rejection::UnknownKey)
+        );
+        assert_eq!(
+            open(&ring(vec![counting_key()]), "d", &mut frame).err(),
+            Some(Rejection::Forged)
+        );
+        assert_eq!(
+            &frame[..],
+            &golden_frame()[..],
+            "a failed open leaves the bytes"
+        );
+        assert!(open(&ring(vec![counting_key()]), "c", &mut frame).is_ok());
+    }
+
+    /// Keys 41741 and 81739 (see `numbered`) share the id d6955fd6, found by a birthday
+    /// search over HKDF-SHA256.
+    #[test]
+    fn keys_sharing_an_id_are_each_tried() {
+        let (a, b) = (Key::new(numbered(41741)), Key::new(numbered(81739)));
+        assert_eq!(a.id(), b.id());
+        assert_eq!(hex(&a.id()), "d6955fd6");
+        let sealed_with = |key: &Key| BytesMut::from(&seal(key, "c", &STAMP, NONCE, &body()).0[..]);
+
+        let both = ring(vec![numbered(41741), numbered(81739)]);
+        for key in [&a, &b] {
+            let mut frame = sealed_with(key);
+            let opened = open(&both, "c", &mut frame).unwrap();
+            assert_eq!(opened.key.secret(), key.secret());
+            assert_eq!(&frame[..], &body()[..]);
+        }
+        // Only the other key of that id: tried, and refused as forged.
+        let mut frame = sealed_with(&a);
+        assert_eq!(
+            open(&ring(vec![numbered(81739)]), "c", &mut frame).err(),
+            Some(Rejection::Forged)
+        );
+    }
+
+    #[test]
+    fn a_frame_is_admitted_once_and_only_while_fresh() {
+        let window = 60_000;
+        let mut guard = ReplayGuard::new(Duration::from_millis(window));
+        let now = 10 * window + 123;
+        assert_eq!(guard.admit(now - 5, 1, now), Ok(()));
+        assert_eq!(
+            guard.admit(now - 5, 1, now + 1000),
+            Err(Rejection::Replayed)
+        );
+        assert_eq!(guard.admit(now - 5, 2, now), Ok(()));
+        assert_eq!(guard.admit(now - window - 1, 3, now), Err(Rejection::Stale));
+        assert_eq!(guard.admit(now + window + 1, 4, now), Err(Rejection::Stale));
+        assert_eq!(
+            guard.admit(now + window, 5, now),
+            Ok(()),
+            "a clock ahead within the window"
+        );
+        assert_eq!(guard.check_fresh(now - window, now), Ok(()));
+        assert_eq!(guard.remembered(), 3);
+
+        // Once nothing remembered can be fresh, it is forgotten; replays are stale by then.
+        let later = now + 3 * window;
+        assert_eq!(guard.admit(later, 6, later), Ok(()));
+        assert_eq!(guard.remembered(), 1);
+        assert_eq!(guard.admit(now - 5, 1, later), Err(Rejection::Stale));
+    }
+
+    #[test]
+    fn keyring_changes_keep_a_primary() {
+        let keys = Keys::new(vec![numbered(1), numbered(2), numbered(1)]);
+        let secrets = |keys: &Keys| -> Vec<[u8; KEY_BYTES]> {
+            keys.current().keys().iter().map(|k| *k.secret()).collect()
+        };
+        assert_eq!(
+            secrets(&keys),
+            [*numbered(1), *numbered(2)],
+            "repeats ignored"
+        );
+        assert_eq!(keys.install(numbered(3)), Ok(true));
+        assert_eq!(keys.install(numbered(3)), Ok(false));
+        assert_eq!(keys.make_primary(&numbered(9)), Err(KeyError::NotInstalled));
+        assert_eq!(keys.remove(&numbered(1)), Err(KeyError::Primary));
+        assert_eq!(keys.make_primary(&numbered(3)), Ok(()));
+        assert_eq!(secrets(&keys), [*numbered(3), *numbered(1), *numbered(2)]);
+        assert_eq!(keys.remove(&numbered(1)), Ok(true));
+        assert_eq!(keys.remove(&numbered(1)), Ok(false));
+        assert_eq!(secrets(&keys), [*numbered(3), *numbered(2)]);
+
+        let plaintext = Keys::default();
+        assert!(plaintext.current().is_empty());
+        assert_eq!(plaintext.install(numbered(1)), Err(KeyError::NoKeyring));
+    }
+
+    #[test]
+    fn a_removed_key_is_dropped_once_its_last_reader_lets_go() {
+        let keys = Keys::new(vec![numbered(1), numbered(2)]);
+        let reader = keys.current();
+        let removed = Arc::downgrade(&reader.keys()[1]);
+        assert_eq!(keys.remove(&numbered(2)), Ok(true));
+        assert!(removed.upgrade().is_some(), "a frame still opening with it");
+        drop(reader);
+        assert!(
+            removed.upgrade().is_none(),
+            "dropped, so wiped by Zeroizing"
+        );
+    }
+
+    #[test]
+    fn debug_output_shows_key_ids_only() {
+        let keys = Keys::new(vec![counting_key()]);
+        let text = format!("{keys:?}");
+        assert!(text.contains("7b"), "{text}");
+        assert!(
+            !text.contains("0, 1, 2") && !text.contains("000102"),
+            "{text}"
+        );
     }
 }
