@@ -464,3 +464,469 @@ async fn forward_suspicion<T: Transport>(
     };
     broadcast(shared, targets, message).await;
 }
+
+#[cfg(test)]
+mod tests {
+    //! Replays against live keyed nodes on the in-memory network, under tokio's paused clock:
+    //! every frame the cluster sent is recorded, then played again by an attacker without the
+    //! key, to every node and into live exchanges. None may change anything.
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::node::{Listen, Node};
+    use crate::protocol::{Event, EventSink};
+    use crate::seal::{Keyring, Keys, KEY_BYTES};
+    use crate::transport::{Listener, MemConnection, MemListener, MemNetwork, MemTransport};
+    use std::collections::BTreeSet;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use zeroize::Zeroizing;
+
+    const KEY: [u8; KEY_BYTES] = [7; KEY_BYTES];
+
+    /// Every frame one host sent, in order.
+    type Tape = Arc<Mutex<Vec<Bytes>>>;
+
+    /// A host's transport that records every frame its connections send.
+    #[derive(Clone)]
+    struct Taped {
+        host: MemTransport,
+        tape: Tape,
+    }
+
+    struct TapedConnection {
+        inner: MemConnection,
+        tape: Tape,
+    }
+
+    struct TapedListener {
+        inner: MemListener,
+        tape: Tape,
+    }
+
+    impl Transport for Taped {
+        type Connection = TapedConnection;
+        type Listener = TapedListener;
+
+        fn bind(&self, address: SocketAddr) -> io::Result<TapedListener> {
+            Ok(TapedListener {
+                inner: self.host.bind(address)?,
+                tape: self.tape.clone(),
+            })
+        }
+
+        async fn connect(&self, address: SocketAddr) -> io::Result<TapedConnection> {
+            Ok(TapedConnection {
+                inner: self.host.connect(address).await?,
+                tape: self.tape.clone(),
+            })
+        }
+
+        async fn resolve(&self, host_port: &str) -> io::Result<Vec<SocketAddr>> {
+            self.host.resolve(host_port).await
+        }
+
+        fn route_to(&self, remote: IpAddr) -> Option<IpAddr> {
+            self.host.route_to(remote)
+        }
+
+        fn host_addresses(&self) -> Vec<IpAddr> {
+            self.host.host_addresses()
+        }
+    }
+
+    impl Listener for TapedListener {
+        type Connection = TapedConnection;
+
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            self.inner.local_addr()
+        }
+
+        async fn accept(&mut self) -> io::Result<TapedConnection> {
+            Ok(TapedConnection {
+                inner: self.inner.accept().await?,
+                tape: self.tape.clone(),
+            })
+        }
+    }
+
+    impl Connection for TapedConnection {
+        async fn send(&mut self, frame: Bytes) -> io::Result<()> {
+            self.tape.lock().unwrap().push(frame.clone());
+            self.inner.send(frame).await
+        }
+
+        async fn recv(&mut self) -> Option<io::Result<BytesMut>> {
+            self.inner.recv().await
+        }
+    }
+
+    #[derive(Default)]
+    struct Events(Mutex<Vec<String>>);
+
+    impl EventSink for Events {
+        fn emit(&self, event: Event<'_>) {
+            self.0.lock().unwrap().push(format!("{event:?}"));
+        }
+    }
+
+    struct Member {
+        node: Node<Taped>,
+        name: String,
+        tape: Tape,
+        events: Arc<Events>,
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
+    }
+
+    fn listen(n: u8) -> Listen {
+        Listen {
+            port: 9000,
+            address: Some(ip(n)),
+            advertise: None,
+        }
+    }
+
+    /// A keyed node at 10.0.0.n:9000, started.
+    fn member(net: &MemNetwork, n: u8, seeds: &[&str]) -> Member {
+        let tape = Tape::default();
+        let events = Arc::new(Events::default());
+        let transport = Taped {
+            host: net.host(ip(n)),
+            tape: tape.clone(),
+        };
+        let node = Node::with_transport(
+            Settings::default(),
+            seeds.iter().map(|s| s.to_string()).collect(),
+            events.clone(),
+            transport,
+            Some(n as u64),
+        )
+        .with_keys(Keys::new(vec![Zeroizing::new(KEY)]));
+        node.start(&listen(n)).unwrap();
+        Member {
+            node,
+            name: format!("10.0.0.{n}:9000"),
+            tape,
+            events,
+        }
+    }
+
+    /// What a node knows, heartbeats and phi aside (time passes while it is compared).
+    fn knowledge(member: &Member) -> Vec<String> {
+        let peers = member.node.peer_infos();
+        member.node.with_cluster(|cluster| {
+            peers
+                .into_iter()
+                .map(|p| {
+                    let values: Vec<_> = cluster
+                        .node_keys(&p.name)
+                        .iter()
+                        .map(|k| (k.clone(), cluster.node_value(&p.name, k).cloned()))
+                        .collect();
+                    format!(
+                        "{} g{} v{} live {} left {} {values:?}",
+                        p.name, p.generation, p.max_version, p.live, p.left
+                    )
+                })
+                .collect()
+        })
+    }
+
+    /// A recorded frame as the test (which has the key) reads it.
+    struct Recorded {
+        bytes: Bytes,
+        kind: &'static str,
+        stamp: Stamp,
+        from: String,
+        /// A Push announcing its sender's departure.
+        leave: bool,
+    }
+
+    fn read(bytes: &Bytes) -> Recorded {
+        let keyring: Arc<Keyring> = Keys::new(vec![Zeroizing::new(KEY)]).current();
+        let mut frame = BytesMut::from(&bytes[..]);
+        let opened = seal::open(&keyring, "gossiper", &mut frame).expect("a frame of ours");
+        let (from, message) =
+            wire::decode(&frame, "gossiper", &wire::Limits::default()).expect("decodes");
+        let leave = matches!(&message, Message::Push { deltas, .. }
+            if deltas.iter().any(|d| d.left && d.name == from));
+        let kind = match message {
+            Message::Syn { .. } => "Syn",
+            Message::CompactSyn { .. } => "CompactSyn",
+            Message::NeedDigest => "NeedDigest",
+            Message::SynAck { .. } => "SynAck",
+            Message::Ack { .. } => "Ack",
+            Message::Push { .. } => "Push",
+            Message::Suspect { .. } => "Suspect",
+        };
+        Recorded {
+            bytes: bytes.clone(),
+            kind,
+            stamp: opened.stamp,
+            from,
+            leave,
+        }
+    }
+
+    fn recorded(members: &[&Member]) -> Vec<Recorded> {
+        members
+            .iter()
+            .flat_map(|m| m.tape.lock().unwrap().clone())
+            .map(|bytes| read(&bytes))
+            .collect()
+    }
+
+    /// Sends `frames` on one new connection from the attacker's host, then reads until the node
+    /// closes it; returns what came back.
+    async fn play(attacker: &MemTransport, to: &str, frames: &[Bytes]) -> Vec<BytesMut> {
+        let mut conn = attacker.connect(to.parse().unwrap()).await.unwrap();
+        for frame in frames {
+            conn.send(frame.clone()).await.unwrap();
+        }
+        let reply = tokio::time::timeout(Duration::from_secs(1), conn.recv()).await;
+        match reply {
+            Ok(Some(Ok(frame))) => vec![frame],
+            _ => Vec::new(),
+        }
+    }
+
+    fn refused(member: &Member) -> u64 {
+        let counters = member.node.counters();
+        counters.rejected(Rejection::Replayed) + counters.rejected(Rejection::Stale)
+    }
+
+    /// Four nodes gossip, write, one leaves and comes back as a new incarnation, one is killed
+    /// and convicted; every frame of all that is then replayed to the two nodes that lived
+    /// through it all. Each replay is refused, except a digest sent to a seed address (not
+    /// bound to a node name) replayed to another node, which only earns a sealed answer the
+    /// attacker cannot read. Nothing any node knows changes, and no event fires.
+    #[tokio::test(start_paused = true)]
+    async fn every_recorded_frame_replayed_to_every_node_changes_nothing() {
+        let net = MemNetwork::new(1, 4 << 20);
+        let seed = "10.0.0.1:9000";
+        let a = member(&net, 1, &[]);
+        let b = member(&net, 2, &[seed]);
+        let c = member(&net, 3, &[seed]);
+        let d = member(&net, 4, &[seed]);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(a.node.with_cluster(|cl| cl.peer_names(Some(true))).len(), 3);
+
+        a.node
+            .set_local("k", Bytes::from_static(&[0xa1, b'v']))
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.node.stop().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.node.start(&listen(3)).unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let d_tape = d.tape.clone();
+        drop(d.node);
+        tokio::time::sleep(Duration::from_secs(40)).await;
+
+        let live: BTreeSet<String> = a
+            .node
+            .with_cluster(|cl| cl.peer_names(Some(true)).into_iter().collect());
+        assert_eq!(
+            live,
+            BTreeSet::from([b.name.clone(), c.name.clone()]),
+            "D convicted, C back"
+        );
+        let mut frames = recorded(&[&a, &b, &c]);
+        frames.extend(d_tape.lock().unwrap().iter().map(read));
+        let kinds: BTreeSet<&str> = frames.iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            BTreeSet::from([
+                "Ack",
+                "CompactSyn",
+                "NeedDigest",
+                "Push",
+                "Suspect",
+                "Syn",
+                "SynAck"
+            ]),
+            "every message kind was recorded"
+        );
+        assert!(frames.iter().any(|f| f.leave), "C's departure was recorded");
+
+        let attacker = net.host(ip(9));
+        for target in [&a, &b] {
+            let before = knowledge(target);
+            target.events.0.lock().unwrap().clear();
+            let mut answered = 0;
+            for frame in &frames {
+                let refused_before = refused(target);
+                let replies = play(&attacker, &target.name, &[frame.bytes.clone()]).await;
+                let unbound_digest = frame.stamp.recipient == 0
+                    && frame.stamp.answers == 0
+                    && target.name != seed
+                    && frame.from != target.name
+                    && frame.kind == "CompactSyn";
+                let old_c = frame.from == c.name
+                    && frame.stamp.generation < c.node.with_cluster(|cl| cl.generation());
+                if unbound_digest && !old_c {
+                    answered += 1;
+                    assert_eq!(replies.len(), 1, "a digest is answered");
+                    assert!(seal::is_sealed(&replies[0]), "and the answer is sealed");
+                } else {
+                    assert!(
+                        replies.is_empty(),
+                        "{} from {} answered",
+                        frame.kind,
+                        frame.from
+                    );
+                    assert_eq!(
+                        refused(target),
+                        refused_before + 1,
+                        "{} from {} ({:?}) was not refused by {}",
+                        frame.kind,
+                        frame.from,
+                        frame.stamp,
+                        target.name
+                    );
+                }
+            }
+            assert_eq!(knowledge(target), before, "{} changed", target.name);
+            assert_eq!(*target.events.0.lock().unwrap(), Vec::<String>::new());
+            assert!(
+                answered < frames.len() / 10,
+                "{answered} of {} answered",
+                frames.len()
+            );
+        }
+    }
+
+    /// The next connection A opens to the attacker, and its first frame.
+    async fn next_from_a(listener: &mut MemListener) -> (MemConnection, Bytes) {
+        let mut conn = listener.accept().await.unwrap();
+        let opener = conn.recv().await.unwrap().unwrap().freeze();
+        (conn, opener)
+    }
+
+    /// The attacker sits at A's seed address, between A and B: it relays one exchange honestly
+    /// (so the way is open), then answers A's fresh frames with recorded ones of every kind, and
+    /// ends exchanges it relayed to B with recorded ones. Each spliced frame is refused, and
+    /// neither node learns or reports anything from them.
+    #[tokio::test(start_paused = true)]
+    async fn recorded_frames_spliced_into_live_exchanges_are_refused() {
+        let net = MemNetwork::new(2, 4 << 20);
+        let attacker_address = "10.0.0.9:9000";
+        let a = member(&net, 1, &[attacker_address]);
+        let b = member(&net, 2, &["10.0.0.1:9000"]);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let frames = recorded(&[&a, &b]);
+        let kinds: BTreeSet<&str> = frames.iter().map(|f| f.kind).collect();
+        assert!(
+            kinds.is_superset(&BTreeSet::from([
+                "Ack",
+                "CompactSyn",
+                "NeedDigest",
+                "Syn",
+                "SynAck"
+            ])),
+            "{kinds:?}"
+        );
+        let mut one_of_each: Vec<&Recorded> = Vec::new();
+        for frame in &frames {
+            if !one_of_each
+                .iter()
+                .any(|f| f.kind == frame.kind && f.from == frame.from)
+            {
+                one_of_each.push(frame);
+            }
+        }
+
+        let attacker = net.host(ip(9));
+        let mut listener = attacker.bind(attacker_address.parse().unwrap()).unwrap();
+        let wait = Duration::from_secs(1);
+
+        // Honest relay: the exchange completes through the attacker, nothing refused.
+        let total_refused = |m: &Member| {
+            Rejection::ALL
+                .iter()
+                .map(|&r| m.node.counters().rejected(r))
+                .sum::<u64>()
+        };
+        let (mut from_a, opener) = next_from_a(&mut listener).await;
+        let mut to_b = attacker.connect(b.name.parse().unwrap()).await.unwrap();
+        to_b.send(opener).await.unwrap();
+        let mut relayed = vec![];
+        loop {
+            let Ok(Some(Ok(reply))) = tokio::time::timeout(wait, to_b.recv()).await else {
+                break;
+            };
+            relayed.push(read(&reply.clone().freeze()).kind);
+            from_a.send(reply.freeze()).await.unwrap();
+            let Ok(Some(Ok(next))) = tokio::time::timeout(wait, from_a.recv()).await else {
+                break;
+            };
+            relayed.push(read(&next.clone().freeze()).kind);
+            to_b.send(next.freeze()).await.unwrap();
+        }
+        assert_eq!(relayed, ["SynAck", "Ack"]);
+        assert_eq!(total_refused(&a) + total_refused(&b), 0);
+
+        let before = (knowledge(&a), knowledge(&b));
+        for spliced in one_of_each {
+            // Into A, which opened the exchange and waits for its answer.
+            let refused_before = a.node.counters().rejected(Rejection::Replayed);
+            let (mut from_a, _) = next_from_a(&mut listener).await;
+            from_a.send(spliced.bytes.clone()).await.unwrap();
+            let reply = tokio::time::timeout(wait, from_a.recv()).await;
+            assert!(
+                matches!(reply, Ok(None)),
+                "A answered a spliced {}",
+                spliced.kind
+            );
+            assert_eq!(
+                a.node.counters().rejected(Rejection::Replayed),
+                refused_before + 1,
+                "A took a spliced {}",
+                spliced.kind
+            );
+
+            // Into B, which answered A's fresh frame and waits for the next one.
+            let refused_before = b.node.counters().rejected(Rejection::Replayed);
+            let (_, opener) = next_from_a(&mut listener).await;
+            let mut to_b = attacker.connect(b.name.parse().unwrap()).await.unwrap();
+            to_b.send(opener).await.unwrap();
+            assert!(
+                tokio::time::timeout(wait, to_b.recv())
+                    .await
+                    .is_ok_and(|r| r.is_some()),
+                "B answers A's fresh frame"
+            );
+            to_b.send(spliced.bytes.clone()).await.unwrap();
+            let reply = tokio::time::timeout(wait, to_b.recv()).await;
+            assert!(
+                matches!(reply, Ok(None)),
+                "B answered a spliced {}",
+                spliced.kind
+            );
+            assert_eq!(
+                b.node.counters().rejected(Rejection::Replayed),
+                refused_before + 1,
+                "B took a spliced {}",
+                spliced.kind
+            );
+        }
+        assert_eq!((knowledge(&a), knowledge(&b)), before);
+        for member in [&a, &b] {
+            assert_eq!(
+                *member.events.0.lock().unwrap(),
+                [format!(
+                    "NewPeer({:?})",
+                    if member.name == a.name {
+                        &b.name
+                    } else {
+                        &a.name
+                    }
+                )]
+            );
+        }
+    }
+}
