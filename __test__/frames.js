@@ -4,6 +4,7 @@
 // [version, clusterName, from, kind] and the payload of that kind (see src/wire.rs).
 
 const assert = require('node:assert/strict')
+const crypto = require('node:crypto')
 const net = require('node:net')
 const { encodeValue, Decoder } = require('../values')
 
@@ -49,9 +50,13 @@ function frame(kind, payload, { cluster = 'gossiper', from = FAKE_FROM, version 
 const SYN = 1
 const ACK = 3
 const PUSH = 4
+const SUSPECT = 7
 
 /** A Push: [deltas, forwardTo], the names the receiver should pass the deltas on to. */
 const push = (deltas, forwardTo = [], options) => frame(PUSH, [deltas, forwardTo], options)
+
+/** A Suspect: "I convicted `name` at `generation`, last heard at `heartbeat`". */
+const suspect = (name, generation, heartbeat, forwardTo = [], options) => frame(SUSPECT, [name, generation, heartbeat, forwardTo], options)
 
 /** [name, generation, heartbeat, fromVersion, toVersion, left, [[key, version, bin], ...]] */
 function delta(name, { generation = 1, heartbeat = 1, left = false, kvs = [['k', 1, encodeValue('v')]] } = {}) {
@@ -72,6 +77,62 @@ function garbage(length, seed) {
     out[i] = x & 0xff
   }
   return out
+}
+
+// ---- sealed frames --------------------------------------------------------------------------
+// Written from docs/protocol.md ("Sealed frames") with node:crypto alone, as a peer in another
+// language would be: XChaCha20-Poly1305 is HChaCha20 then the IETF ChaCha20-Poly1305.
+
+/** HChaCha20 (draft-irtf-cfrg-xchacha): a 32-byte subkey from a key and 16 bytes of nonce. */
+function hchacha20(key, nonce16) {
+  const s = new Uint32Array(16)
+  s.set([0x61707865, 0x3320646e, 0x79622d32, 0x6b206574])
+  for (let i = 0; i < 8; i++) s[4 + i] = key.readUInt32LE(4 * i)
+  for (let i = 0; i < 4; i++) s[12 + i] = nonce16.readUInt32LE(4 * i)
+  const rotl = (v, n) => ((v << n) | (v >>> (32 - n))) >>> 0
+  const quarter = (a, b, c, d) => {
+    s[a] += s[b]; s[d] = rotl(s[d] ^ s[a], 16)
+    s[c] += s[d]; s[b] = rotl(s[b] ^ s[c], 12)
+    s[a] += s[b]; s[d] = rotl(s[d] ^ s[a], 8)
+    s[c] += s[d]; s[b] = rotl(s[b] ^ s[c], 7)
+  }
+  for (let round = 0; round < 10; round++) {
+    quarter(0, 4, 8, 12); quarter(1, 5, 9, 13); quarter(2, 6, 10, 14); quarter(3, 7, 11, 15)
+    quarter(0, 5, 10, 15); quarter(1, 6, 11, 12); quarter(2, 7, 8, 13); quarter(3, 4, 9, 14)
+  }
+  const out = Buffer.alloc(32)
+  for (let i = 0; i < 4; i++) out.writeUInt32LE(s[i], 4 * i)
+  for (let i = 0; i < 4; i++) out.writeUInt32LE(s[12 + i], 16 + 4 * i)
+  return out
+}
+
+/** The 4-byte key id: HKDF-SHA256 of the key, no salt, info "gossiper key id". */
+const keyId = (key) => Buffer.from(crypto.hkdfSync('sha256', key, Buffer.alloc(0), 'gossiper key id', 4))
+
+/** A node name as a stamp's recipient: FNV-1a 64, never 0. */
+function recipientTag(name) {
+  let hash = 0xcbf29ce484222325n
+  for (const byte of Buffer.from(name)) hash = ((hash ^ BigInt(byte)) * 0x100000001b3n) & 0xffffffffffffffffn
+  return hash === 0n ? 1n : hash
+}
+
+/**
+ * Seals a frame built by frame()/push() under `key`, as a peer holding the key would send it:
+ * c1 01 01, key id, nonce, then XChaCha20-Poly1305 of the stamp and the frame body, the clear
+ * header and the cluster name authenticated.
+ */
+function seal(plainFrame, key, { cluster = 'gossiper', sentAt = Date.now(), generation = 1, answers = 0n, recipient = 0n, nonce = crypto.randomBytes(24) } = {}) {
+  const header = Buffer.concat([Buffer.from([0xc1, 1, 1]), keyId(key)])
+  const stamp = Buffer.alloc(32)
+  stamp.writeBigUInt64BE(BigInt(sentAt), 0)
+  stamp.writeBigUInt64BE(BigInt(generation), 8)
+  stamp.writeBigUInt64BE(BigInt(answers), 16)
+  stamp.writeBigUInt64BE(BigInt(recipient), 24)
+  const iv = Buffer.concat([Buffer.alloc(4), nonce.subarray(16)])
+  const cipher = crypto.createCipheriv('chacha20-poly1305', hchacha20(key, nonce.subarray(0, 16)), iv, { authTagLength: 16 })
+  cipher.setAAD(Buffer.concat([header, Buffer.from(cluster)]))
+  const sealed = Buffer.concat([cipher.update(Buffer.concat([stamp, plainFrame.subarray(4)])), cipher.final(), cipher.getAuthTag()])
+  return withLength(Buffer.concat([header, nonce, sealed]))
 }
 
 // ---- raw connections ------------------------------------------------------------------------
@@ -115,5 +176,6 @@ function parseFrame(bytes) {
 }
 
 module.exports = {
-  FAKE_FROM, SYN, ACK, PUSH, Raw, uint64, pack, withLength, frame, push, delta, garbage, sendRaw, parseFrame,
+  FAKE_FROM, SYN, ACK, PUSH, SUSPECT, Raw, uint64, pack, withLength, frame, push, suspect, delta, garbage, sendRaw, parseFrame,
+  hchacha20, keyId, recipientTag, seal,
 }
