@@ -109,15 +109,36 @@ export interface GossiperOptions {
   maxPeersPerMessage?: number
   /** Most inbound connections served at once; more are refused. Default 1024. */
   maxInboundConnections?: number
-  /** Milliseconds another node's clock may run ahead of ours: a generation (start time) further ahead is refused as implausible. Default 60000, at least 1000. */
+  /**
+   * Cluster keys: each a 32-byte Buffer (or Uint8Array) or its base64 text. With keys, every
+   * frame is encrypted and authenticated (XChaCha20-Poly1305) under `keys[0]`, and frames that
+   * do not open under one of them are dropped. At least one; leave it out for plaintext. Never
+   * shown again: `options.keys` reads `'[redacted]'` for each.
+   */
+  keys?: readonly (Buffer | Uint8Array | string)[]
+  /**
+   * With `keys`: also accept plaintext frames (and answer them in plaintext), while sending
+   * sealed ones, to turn encryption on in a running cluster. Counted in
+   * `stats().plaintextAccepted`. The cluster is as open as without keys while it is on.
+   * Default false.
+   */
+  acceptPlaintext?: boolean
+  /**
+   * Milliseconds the clocks of two members may differ: a generation (start time) further ahead
+   * of ours is refused as implausible; with keys, a frame stamped further from our clock is
+   * dropped (`stale`), and frames within it are remembered so that a replay is dropped. Default
+   * 60000, at least 1000.
+   */
   maxClockSkew?: number
 }
 
 /** Options with the defaults filled in, as `gossiper.options` returns them. */
-export type ResolvedGossiperOptions = Readonly<Required<Omit<GossiperOptions, 'seeds' | 'address' | 'advertise'>>> & {
+export type ResolvedGossiperOptions = Readonly<Required<Omit<GossiperOptions, 'seeds' | 'address' | 'advertise' | 'keys'>>> & {
   readonly seeds: readonly string[]
   readonly address: string | undefined
   readonly advertise: string | undefined
+  /** `'[redacted]'` for each key given; `listKeys()` has the keys themselves. */
+  readonly keys: readonly '[redacted]'[] | undefined
 }
 
 /** What one node knows of one peer, for monitoring. */
@@ -171,6 +192,16 @@ export type RejectionReason =
    * the frame is used.
    */
   | 'implausible'
+  /** A plaintext frame at a node with keys (without `acceptPlaintext`). */
+  | 'plaintext'
+  /** Sealed under a key that is not installed here (or this node has no keys). */
+  | 'unknownKey'
+  /** Sealed, but does not authenticate: altered, forged, or for another cluster. */
+  | 'forged'
+  /** Sealed further than `maxClockSkew` from our clock, or by an older incarnation of its sender. */
+  | 'stale'
+  /** Sealed and fresh, but seen before, addressed to another node, or not answering our last frame. */
+  | 'replayed'
 
 /** Engine counters since the Gossiper was created. */
 export interface GossiperStats {
@@ -192,6 +223,8 @@ export interface GossiperStats {
   seedResolveFailures: number
   /** New incarnations begun to refute claims about this node that it did not make. */
   refutations: number
+  /** Plaintext frames taken under `acceptPlaintext`: when it stops rising everywhere, every member seals. */
+  plaintextAccepted: number
   /** Frames dropped, by reason. */
   rejected: Record<RejectionReason, number>
 }
@@ -273,6 +306,21 @@ export declare class Gossiper extends EventEmitter {
   /** Engine counters: messages, bytes, exchanges, pushes, and frames rejected by reason. */
   stats(): GossiperStats
 
+  /**
+   * Accepts frames sealed with `key` (32 bytes, or its base64 text) from now on; false when it was
+   * installed already. Throws `ERR_GOSSIP_NO_KEYS` on a gossiper created without keys.
+   */
+  installKey(key: Buffer | Uint8Array | string): boolean
+  /** Seals every frame with the installed `key` from now on (else throws `ERR_GOSSIP_UNKNOWN_KEY`). */
+  useKey(key: Buffer | Uint8Array | string): void
+  /**
+   * Stops accepting `key` and wipes it; false when it was not installed. The primary key cannot be
+   * removed (throws `ERR_GOSSIP_PRIMARY_KEY`): `useKey()` another first.
+   */
+  removeKey(key: Buffer | Uint8Array | string): boolean
+  /** The installed keys as base64, the primary (the one that seals) first; `[]` without keys. */
+  listKeys(): string[]
+
   on(event: 'update', listener: (this: this, peer: string, key: string, value: Value) => void): this
   on(event: 'delete', listener: (this: this, peer: string, key: string) => void): this
   on(event: 'new_peer' | 'peer_alive' | 'peer_failed', listener: (this: this, peer: string) => void): this
@@ -310,10 +358,11 @@ export declare class Gossiper extends EventEmitter {
 }
 
 /** The defaults of every option (see `GossiperOptions`). */
-export declare const DEFAULTS: Readonly<Required<Omit<GossiperOptions, 'seeds' | 'address' | 'advertise'>>> & {
+export declare const DEFAULTS: Readonly<Required<Omit<GossiperOptions, 'seeds' | 'address' | 'advertise' | 'keys'>>> & {
   readonly seeds: readonly string[]
   readonly address: undefined
   readonly advertise: undefined
+  readonly keys: undefined
 }
 
 interface GossiperModule {

@@ -285,6 +285,30 @@ test('rotation while gossiping: install, use, remove everywhere without a false 
   }
 })
 
+test('a member that missed useKey stays in the cluster after the old key is removed elsewhere', async () => {
+  const [oldKey, newKey_] = [newKey(), newKey()]
+  const nodes = await startCluster(4, { keys: [oldKey] })
+  const [halfway, ...others] = nodes
+  try {
+    const events = nodes.map(record)
+    for (const g of nodes) g.installKey(newKey_)
+    for (const g of others) g.useKey(newKey_)
+    // Without useKey first, the old key is halfway's primary and cannot be removed there.
+    assert.throws(() => halfway.removeKey(oldKey), { code: 'ERR_GOSSIP_PRIMARY_KEY' })
+    for (const g of others) g.removeKey(oldKey)
+    await Promise.all(others.map((g) => waitRounds(g, halfway.peer_name, 20)))
+    await waitFor(() => others.every((g) => g.stats().rejected.unknownKey > 0), 5000, "halfway's own frames to be refused")
+    // Others' exchanges with it are answered under the new key: its writes still travel.
+    halfway.setLocalState('still', 'here')
+    for (const g of others) await waitFor(() => g.peerValue(halfway.peer_name, 'still') === 'here', 5000, `${g.peer_name} to hear halfway`)
+    others[0].setLocalState('and', 'heard')
+    await waitFor(() => halfway.peerValue(others[0].peer_name, 'and') === 'heard', 5000, 'halfway to hear the others')
+    for (const list of events) assert.deepEqual(failedEvents(list), [])
+  } finally {
+    await stopAll(nodes)
+  }
+})
+
 test('turning encryption on in a running cluster: two rolling restarts, without a false failure', async () => {
   const key = newKey()
   const members = await startCluster(3)

@@ -28,6 +28,9 @@ const options: GossiperOptions = {
   maxValueBytes: 64 * 1024,
   maxPeersPerMessage: 1000,
   maxInboundConnections: 64,
+  keys: [Buffer.alloc(32), 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=', new Uint8Array(32)],
+  acceptPlaintext: false,
+  maxClockSkew: 60_000,
 }
 const configured = new Gossiper(options)
 const frozenSeeds = ['127.0.0.1:9000'] as const
@@ -139,6 +142,17 @@ const work: number = stats.exchanges + stats.pushesSent + stats.connectFailures 
 const dropped: number = stats.rejected.malformed + stats.rejected.wrongCluster + stats.rejected.oversized
 // @ts-expect-error not a rejection reason
 console.log(stats.rejected.nonsense)
+const refusedByKeys: number = stats.plaintextAccepted + stats.rejected.plaintext + stats.rejected.unknownKey +
+  stats.rejected.forged + stats.rejected.stale + stats.rejected.replayed
+
+// Keys: install, use, remove, list; options show them redacted.
+const installed: boolean = configured.installKey(Buffer.alloc(32))
+configured.useKey('AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=')
+const removed: boolean = configured.removeKey(new Uint8Array(32))
+const listed: string[] = configured.listKeys()
+const redacted: readonly '[redacted]'[] | undefined = configured.options.keys
+// @ts-expect-error keys are bytes or base64 text
+configured.installKey(42)
 
 // ref/unref return the gossiper.
 const same: Gossiper = seed.unref().ref()
