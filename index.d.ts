@@ -126,8 +126,8 @@ export interface GossiperOptions {
   /**
    * Milliseconds the clocks of two members may differ: a generation (start time) further ahead
    * of ours is refused as implausible; with keys, a frame stamped further from our clock is
-   * dropped (`stale`), and frames within it are remembered so that a replay is dropped. Default
-   * 60000, at least 1000.
+   * dropped (`stale`), and frames within it are remembered so that a replay is dropped.
+   * Default 60000, at least 1000.
    */
   maxClockSkew?: number
 }

@@ -46,11 +46,12 @@ fn delta(n: u64) -> NodeDelta {
                 ]),
             },
             KeyValue {
-                key: "k".into(),
+                key: "gone".into(),
                 version: n + 2,
-                value: Bytes::from_static(&[0xa1, b'v']),
+                value: Bytes::new(),
             },
         ],
+        horizon: n / 2,
     }
 }
 
@@ -65,6 +66,7 @@ fn messages() -> Vec<Message> {
                     generation: 1_700_000_000_000 + i as u64,
                     heartbeat: 12,
                     max_version: 3,
+                    horizon: i as u64,
                 })
                 .collect(),
         },
@@ -79,6 +81,7 @@ fn messages() -> Vec<Message> {
                 name: names[0].clone(),
                 generation: 1_700_000_000_000,
                 from_version: 1,
+                horizon: 1,
             }],
             heartbeats: vec![0, 13, 2, 901],
         },

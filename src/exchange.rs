@@ -713,7 +713,7 @@ mod tests {
         assert_eq!(a.node.with_cluster(|cl| cl.peer_names(Some(true))).len(), 3);
 
         a.node
-            .set_local("k", Bytes::from_static(&[0xa1, b'v']))
+            .set_local("k", Bytes::from_static(&[0xa1, b'v']), None)
             .unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
         c.node.stop().await;
