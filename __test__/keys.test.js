@@ -147,8 +147,10 @@ test('with keys, plaintext forged frames have no effect: writes, 2^53 counters, 
     const port = Number(victim.peer_name.split(':')[1])
     a.setLocalState('k', 'real')
     await waitFor(() => victim.peerValue(a.peer_name, 'k') === 'real', 5000, 'the real value')
+    // Its departure is an event of its own: wait for that event, not only for the state.
+    const departed = waitForEvent(victim, 'peer_failed', (peer) => peer === b.peer_name)
     await b.stop()
-    await waitFor(() => victim.deadPeers().includes(b.peer_name), 5000, 'the stopped node to be reported failed')
+    await departed
     const events = record(victim)
     const before = victim.peerDetails().map(({ phi, heartbeat, ...rest }) => rest)
     const generationOf = (name) => victim.peerDetails().find((d) => d.name === name).generation
@@ -191,7 +193,8 @@ test('a sealed frame (written from the protocol doc) is taken once; a replay, st
     // The insider's node leaves at once, so that nothing of it is pending while we watch.
     const write = (value) => push([delta(insider, { generation: 5, left: true, kvs: [['k', 1, encodeValue(value)]] })], [], { from: insider })
 
-    const taken = waitForEvent(victim, 'update', (peer, k, value) => peer === insider && value === 'sealed')
+    // Its departure is the last event the frame causes.
+    const taken = waitForEvent(victim, 'peer_failed', (peer) => peer === insider)
     const frameBytes = seal(write('sealed'), key, { generation: 5, recipient: recipientTag(victim.peer_name) })
     assert.equal((await sendRaw(port, frameBytes)).length, 0)
     await taken
