@@ -105,9 +105,15 @@ export interface GossiperOptions {
    * (`ERR_OUT_OF_RANGE`).
    */
   maxValueBytes?: number
-  /** Most peer entries one message may carry; larger messages are refused. Default 8192. */
+  /**
+   * Most peer entries one message may carry, sent or accepted; a larger membership is digested
+   * a window at a time (keep it above about half the cluster size). Default 8192.
+   */
   maxPeersPerMessage?: number
-  /** Most inbound connections served at once; more are refused. Default 1024. */
+  /**
+   * Most inbound connections served at once. A connection that has not sent its first message
+   * makes room for a new one; nodes other than live peers may hold three quarters. Default 1024.
+   */
   maxInboundConnections?: number
   /**
    * Cluster keys: each a 32-byte Buffer (or Uint8Array) or its base64 text. With keys, every
@@ -130,6 +136,18 @@ export interface GossiperOptions {
    * Default 60000, at least 1000.
    */
   maxClockSkew?: number
+  /**
+   * Most peers kept, live and failed together; more names are refused and counted. A name heard
+   * of second-hand becomes a peer only once heard from, or heard beating. Default 10000.
+   */
+  maxPeers?: number
+  /**
+   * Most keys held for one node, this one included (a write past it throws a RangeError), and
+   * carried by one message. Default 16384.
+   */
+  maxKeysPerPeer?: number
+  /** Most bytes of keys and values held for one node, this one included. Default 16777216 (16 MiB). */
+  maxBytesPerPeer?: number
 }
 
 /** Options with the defaults filled in, as `gossiper.options` returns them. */
@@ -167,7 +185,7 @@ export interface SetLocalStateOptions {
   ttl?: number
 }
 
-/** Reasons an inbound frame is dropped. */
+/** Reasons input from the network is refused. */
 export type RejectionReason =
   /** Not MessagePack of the expected shape, truncated, or with trailing bytes. */
   | 'malformed'
@@ -202,6 +220,20 @@ export type RejectionReason =
   | 'stale'
   /** Sealed and fresh, but seen before, addressed to another node, or not answering our last frame. */
   | 'replayed'
+  /** A node name refused: the peer table (`maxPeers`) or the table of names heard of is full. */
+  | 'tooManyPeers'
+  /** Keys refused: past `maxKeysPerPeer` for their node, or in one message. */
+  | 'tooManyKeys'
+  /** Keys refused: past `maxBytesPerPeer` for their node. */
+  | 'tooManyBytes'
+  /** A connection dropped because partly received frames, across the process, exceeded their budget. */
+  | 'frameBudget'
+  /** A frame that did not arrive in full within `idleTimeout`. */
+  | 'timedOut'
+  /** A connection closed to make room: its source had the most connections yet to send a frame. */
+  | 'sourceLimit'
+  /** A connection refused, or closed to make room, for want of an inbound slot. */
+  | 'inboundFull'
 
 /** Engine counters since the Gossiper was created. */
 export interface GossiperStats {
@@ -217,15 +249,17 @@ export interface GossiperStats {
   connectFailures: number
   /** Messages whose send failed or took longer than `idleTimeout`. */
   sendFailures: number
-  /** Inbound connections refused because `maxInboundConnections` were open. */
+  /** Inbound connections refused, or closed to make room for a new one (see `maxInboundConnections`). */
   connectionsRefused: number
+  /** Outgoing connection attempts (to failed or unreachable nodes, or seeds) skipped for want of budget. */
+  connectsSkipped: number
   /** Seed host names that resolved to nothing when contacted; they are tried again in later rounds. */
   seedResolveFailures: number
   /** New incarnations begun to refute claims about this node that it did not make. */
   refutations: number
   /** Plaintext frames taken under `acceptPlaintext`: when it stops rising everywhere, every member seals. */
   plaintextAccepted: number
-  /** Frames dropped, by reason. */
+  /** Input refused (frames, connections, names, keys; for `implausible`, node entries), by reason. */
   rejected: Record<RejectionReason, number>
 }
 

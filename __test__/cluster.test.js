@@ -268,13 +268,15 @@ test('a listener that throws does not stop later events from being delivered', a
 
 test("a peer first learned as already departed gets 'peer_failed' after its 'new_peer'", async () => {
   // What a node sees when a peer's leave announcement is the first it hears of that peer
-  // (a node that stops right after joining): one full delta, marked left. Played here by hand.
+  // (a node that stops right after joining): one full delta, marked left, pushed by that peer
+  // itself. Played here by hand.
   const [a] = await startCluster(1)
   try {
     const events = record(a)
     const departed = '127.0.0.1:7'
     const port = Number(a.peer_name.split(':')[1])
-    await sendRaw(port, push([delta(departed, { left: true, kvs: [['hello', 1, encodeValue('bye')]] })]))
+    const goodbye = delta(departed, { left: true, kvs: [['hello', 1, encodeValue('bye')]] })
+    await sendRaw(port, push([goodbye], [], { from: departed }))
     await waitFor(() => a.peerValue(departed, 'hello') === 'bye', 5000, 'the departed peer\'s value')
     await waitFor(() => events.length >= 3, 2000, () => `three events, got ${JSON.stringify(events)}`).catch(() => {})
     assert.deepEqual(a.livePeers(), [])

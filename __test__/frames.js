@@ -32,7 +32,14 @@ function pack(value) {
   if (value instanceof Raw) return value.bytes
   if (!Array.isArray(value)) return encodeValue(value)
   const n = value.length
-  const header = n < 16 ? Buffer.from([0x90 | n]) : Buffer.from([0xdc, n >> 8, n & 0xff])
+  let header
+  if (n < 16) header = Buffer.from([0x90 | n])
+  else if (n < 0x10000) header = Buffer.from([0xdc, n >> 8, n & 0xff])
+  else {
+    header = Buffer.alloc(5)
+    header[0] = 0xdd
+    header.writeUInt32BE(n, 1)
+  }
   return Buffer.concat([header, ...value.map(pack)])
 }
 

@@ -57,15 +57,23 @@ describe('hostile input to one node of a live 3-node cluster', () => {
   }
 
   test('the frame builder is sound: a well-formed Syn gets a SynAck describing every node', async () => {
+    victim.setLocalState('own', 'state')
     const reply = parseFrame(await sendRaw(port, frame(SYN, [[]])))
     assert.deepEqual(reply.header, [1, 'gossiper', victim.peer_name, 2])
     const [deltas, requests] = reply.payload
     assert.deepEqual(requests, [])
     assert.deepEqual(deltas.map((d) => d[0]).sort(), nodes.map((g) => g.peer_name).sort())
+    // The responder's own state in full, with its keys...
+    const own = deltas.find((d) => d[0] === victim.peer_name)
+    const [key, , value] = own[6].at(-1)
+    assert.equal(key, 'own')
+    assert.equal(decodeValue(value), 'state')
+    // ...and the other nodes announced, without their keys: [name, generation, heartbeat,
+    // maxVersion, maxVersion, left, []]. A stranger learns those from them, or once it trusts them.
     const seedDelta = deltas.find((d) => d[0] === nodes[0].peer_name)
-    const [key, , value] = seedDelta[6][0]
-    assert.equal(key, 'before')
-    assert.equal(decodeValue(value), 'attack')
+    assert.equal(seedDelta[3], seedDelta[4])
+    assert.ok(seedDelta[4] >= 1, 'the max version of the seed, who wrote a key')
+    assert.deepEqual(seedDelta[6], [])
   })
 
   test('random garbage bytes are dropped as oversized or malformed', async () => {

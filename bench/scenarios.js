@@ -276,9 +276,11 @@ async function runThroughput(job, emit) {
   const sampleRss = () => { peak = Math.max(peak, process.memoryUsage().rss) }
   const sampler = setInterval(sampleRss, 100)
 
-  const a = new Gossiper({ ...EXTRA, port: 0, address: HOST, gossipInterval: interval })
+  // More keys than the default maxKeysPerPeer (16384): both sides must hold them all.
+  const perPeer = { maxKeysPerPeer: Math.max(keys, 16384) }
+  const a = new Gossiper({ ...EXTRA, ...perPeer, port: 0, address: HOST, gossipInterval: interval })
   await a.start()
-  const b = new Gossiper({ ...EXTRA, port: 0, address: HOST, seeds: [a.peer_name], gossipInterval: interval })
+  const b = new Gossiper({ ...EXTRA, ...perPeer, port: 0, address: HOST, seeds: [a.peer_name], gossipInterval: interval })
   await b.start()
   try {
     const m = await waitMembership([a, b], [a.peer_name, b.peer_name], { since: now(), timeoutMs: limits.membershipMs, pollMs: 20 })

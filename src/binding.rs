@@ -79,11 +79,13 @@ pub struct NativeStats {
     pub connect_failures: f64,
     pub send_failures: f64,
     pub connections_refused: f64,
+    pub connects_skipped: f64,
     pub seed_resolve_failures: f64,
     /// New incarnations begun to refute claims about this node that it did not make.
     pub refutations: f64,
     pub plaintext_accepted: f64,
-    /// Frames (or, for `implausible`, node entries) dropped, by reason.
+    /// Input refused (frames, connections, names, keys; for `implausible`, node entries), by
+    /// reason.
     pub rejected: std::collections::HashMap<String, f64>,
 }
 
@@ -485,9 +487,17 @@ impl NativeGossiper {
     }
 
     /// Returns false when the value equals the current one. `ttl_ms`, if given, must be from 1
-    /// to [`MAX_TTL_MS`]. Errors carry the rejection reason.
+    /// to [`MAX_TTL_MS`]. A write that would take this node past `maxKeysPerPeer` or
+    /// `maxBytesPerPeer` (which peers would refuse) throws a RangeError; other errors carry the
+    /// rejection reason.
     #[napi]
-    pub fn set_local_state(&self, key: String, value: Buffer, ttl_ms: Option<f64>) -> Result<bool> {
+    pub fn set_local_state(
+        &self,
+        env: Env,
+        key: String,
+        value: Buffer,
+        ttl_ms: Option<f64>,
+    ) -> Result<bool> {
         let ttl = match ttl_ms {
             None => None,
             Some(ms) if (1.0..=MAX_TTL_MS).contains(&ms) => {
@@ -500,14 +510,32 @@ impl NativeGossiper {
                 ))
             }
         };
+        let settings = self.node.settings();
         self.node
             .set_local(&key, Bytes::copy_from_slice(&value), ttl)
-            .map_err(|reason| {
-                let what = match reason {
-                    Rejection::BadKeyValue => "key or value outside the configured limits",
-                    _ => reason.as_str(),
-                };
-                Error::new(Status::InvalidArg, what.to_owned())
+            .map_err(|reason| match reason {
+                Rejection::TooManyKeys => throw(
+                    &env,
+                    OptionError::range_error(format!(
+                        "The \"key\" argument would be this node's key number {}, over the \
+                         maxKeysPerPeer option ({})",
+                        settings.max_keys_per_peer + 1,
+                        settings.max_keys_per_peer
+                    )),
+                ),
+                Rejection::TooManyBytes => throw(
+                    &env,
+                    OptionError::range_error(format!(
+                        "The \"value\" argument would take this node's keys and values over \
+                         the maxBytesPerPeer option ({} bytes)",
+                        settings.max_bytes_per_peer
+                    )),
+                ),
+                Rejection::BadKeyValue => Error::new(
+                    Status::InvalidArg,
+                    "key or value outside the configured limits".to_owned(),
+                ),
+                _ => Error::new(Status::InvalidArg, reason.as_str().to_owned()),
             })
     }
 
@@ -614,12 +642,13 @@ impl NativeGossiper {
             connect_failures: n(&c.connect_failures),
             send_failures: n(&c.send_failures),
             connections_refused: n(&c.connections_refused),
+            connects_skipped: n(&c.connects_skipped),
             seed_resolve_failures: n(&c.seed_resolve_failures),
             refutations: n(&c.refutations),
             plaintext_accepted: n(&c.plaintext_accepted),
             rejected: Rejection::ALL
                 .iter()
-                .map(|r| (r.as_str().to_owned(), c.rejected(*r) as f64))
+                .map(|&r| (r.as_str().to_owned(), c.rejected(r) as f64))
                 .collect(),
         }
     }

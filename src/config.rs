@@ -3,7 +3,7 @@
 //! binding, and a test checks `index.d.ts` and the README against it.
 
 use crate::detector::DetectorConfig;
-use crate::wire::Limits;
+use crate::wire::{self, Limits};
 use std::time::Duration;
 
 /// One numeric option as users write it (milliseconds for durations).
@@ -52,6 +52,9 @@ pub const NUMERIC_OPTIONS: &[NumericOption] = &[
     option("maxPeersPerMessage", 8192.0, 1.0, (1 << 20) as f64, true),
     option("maxInboundConnections", 1024.0, 1.0, (1 << 20) as f64, true),
     option("maxClockSkew", 60e3, 1000.0, 365.0 * DAY_MS, true),
+    option("maxPeers", 10000.0, 1.0, (1 << 20) as f64, true),
+    option("maxKeysPerPeer", 16384.0, 1.0, I32_MAX, true),
+    option("maxBytesPerPeer", (16 << 20) as f64, 1024.0, 1e15, true),
 ];
 
 /// Options that are not numbers; with [`NUMERIC_OPTIONS`] they are every option there is.
@@ -146,6 +149,11 @@ pub struct Settings {
     /// With keys: accept plaintext frames too (and answer them in plaintext), for turning
     /// encryption on in a running cluster. Counted in `Counters::plaintext_accepted`.
     pub accept_plaintext: bool,
+    /// Peers kept in the table, live or failed; names beyond it are refused.
+    pub max_peers: usize,
+    /// Keys, and bytes of keys and values, held for one node (this one included).
+    pub max_keys_per_peer: usize,
+    pub max_bytes_per_peer: usize,
 }
 
 impl Default for Settings {
@@ -194,6 +202,7 @@ impl Settings {
                 max_key_bytes: get("maxKeyBytes") as usize,
                 max_value_bytes: get("maxValueBytes") as usize,
                 max_peers_per_message: get("maxPeersPerMessage") as usize,
+                max_keys_per_message: get("maxKeysPerPeer") as usize,
             },
             push_fanout: get("pushFanout") as usize,
             connect_timeout: ms("connectTimeout"),
@@ -201,6 +210,9 @@ impl Settings {
             max_inbound_connections: get("maxInboundConnections") as usize,
             max_clock_skew: ms("maxClockSkew"),
             accept_plaintext: false,
+            max_peers: get("maxPeers") as usize,
+            max_keys_per_peer: get("maxKeysPerPeer") as usize,
+            max_bytes_per_peer: get("maxBytesPerPeer") as usize,
         };
         let largest_entry = settings.limits.max_value_bytes + settings.limits.max_key_bytes;
         if largest_entry > settings.largest_entry_budget() {
@@ -215,15 +227,42 @@ impl Settings {
                 settings.limits.max_frame_bytes
             )));
         }
+        if largest_entry > settings.max_bytes_per_peer {
+            return Err(OptionError::range_error(format!(
+                "The \"maxBytesPerPeer\" argument ({}) must hold one value at maxValueBytes ({}) \
+                 under a key at maxKeyBytes ({})",
+                settings.max_bytes_per_peer,
+                settings.limits.max_value_bytes,
+                settings.limits.max_key_bytes
+            )));
+        }
         Ok(settings)
     }
 
-    /// Room for deltas in one frame, leaving space for the header and per-entry overhead.
+    /// Bytes one outgoing message may fill, leaving room for the frame header (the cluster name
+    /// and our own name) and the lists' own headers.
+    pub(crate) fn message_budget(&self) -> usize {
+        self.limits.max_frame_bytes.saturating_sub(512)
+    }
+
+    /// Room a Push or Suspect keeps for its `forward_to` names.
+    pub(crate) fn forward_room(&self) -> usize {
+        (64 << 10).min(self.message_budget() / 2)
+    }
+
+    /// Room for the deltas of a Push, which also carries `forward_to`.
     pub(crate) fn delta_budget(&self) -> usize {
+        self.message_budget() - self.forward_room()
+    }
+
+    /// Most entries one list of an outgoing message may hold: within `maxPeersPerMessage`, and
+    /// few enough that entries naming the longest names fit in a frame.
+    pub(crate) fn entries_per_message(&self) -> usize {
+        let longest_entry = wire::DELTA_HEADER_BYTES + wire::name_bytes(wire::LONGEST_NAME);
         self.limits
-            .max_frame_bytes
-            .saturating_sub(64 << 10)
-            .max(self.limits.max_frame_bytes / 2)
+            .max_peers_per_message
+            .min(self.message_budget() / longest_entry)
+            .max(1)
     }
 
     /// The largest key plus value that one delta can always carry: the delta budget less room

@@ -8,18 +8,63 @@
 //! be spliced into another exchange, and first frames are remembered for the freshness window.
 //! A responder answers in the form of the first frame: sealed under the key it used, or, under
 //! `accept_plaintext`, in plaintext.
+//!
+//! Outgoing connections are free to live peers that have not failed us (see `Reach`); every
+//! other attempt (failed or unreachable peers, seeds) is paid from the node's
+//! [`ConnectBudget`], and skipped and counted when it is empty. A broadcast share gives up after
+//! a few failed attempts, so however many names fail to answer, the node's connection attempts
+//! stay bounded.
 
+use crate::inbound::{self, Establish};
 use crate::node::Shared;
-use crate::peers::Membership;
-use crate::protocol::{unix_ms, Cluster, Suspicion, SynReply, Target};
+use crate::peers::{Membership, Reach};
+use crate::protocol::{unix_ms, Cluster, Recipient, Suspicion, SynReply, Target};
 use crate::seal::{self, Key, Stamp};
 use crate::transport::{Connection, Transport};
 use crate::wire::{self, Message, Rejection};
 use bytes::{Bytes, BytesMut};
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::time::{timeout, Instant};
+
+/// Failed connection attempts after which a broadcast share is given up; anti-entropy brings
+/// the change to the rest of it.
+const SHARE_FAILURES: usize = 3;
+
+/// A token bucket for connection attempts that are not free: `rate` tokens a second, up to
+/// `burst` saved.
+pub(crate) struct ConnectBudget {
+    rate: f64,
+    burst: f64,
+    /// Tokens, and when they were counted.
+    tokens: Mutex<(f64, Instant)>,
+}
+
+impl ConnectBudget {
+    /// Four attempts a gossip interval, and at least 16 a second.
+    pub(crate) fn new(gossip_interval: Duration) -> Self {
+        let rate = (4.0 / gossip_interval.as_secs_f64()).max(16.0);
+        ConnectBudget {
+            rate,
+            burst: 2.0 * rate,
+            tokens: Mutex::new((2.0 * rate, Instant::now())),
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub(crate) fn try_take(&self) -> bool {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let (count, at) = *tokens;
+        let count =
+            (count + now.saturating_duration_since(at).as_secs_f64() * self.rate).min(self.burst);
+        let taken = count >= 1.0;
+        *tokens = (if taken { count - 1.0 } else { count }, now);
+        taken
+    }
+}
 
 /// One connection and what its frames have settled so far.
 pub(crate) struct Link<C> {
@@ -108,7 +153,8 @@ async fn send<T: Transport>(
     sent
 }
 
-/// The next message, or None when the peer closed, timed out or sent something we drop.
+/// The next message and its sender, or None when the peer closed, or sent something we drop,
+/// or did not deliver a whole frame within `idle_timeout`.
 async fn receive<T: Transport>(
     shared: &Shared<T>,
     link: &mut Link<T::Connection>,
@@ -117,15 +163,18 @@ async fn receive<T: Transport>(
     let mut frame = match timeout(shared.settings.idle_timeout, link.conn.recv()).await {
         Ok(Some(Ok(frame))) => frame,
         Ok(Some(Err(error))) => {
-            let oversized = error.kind() == io::ErrorKind::InvalidData;
-            counters.reject(if oversized {
-                Rejection::Oversized
-            } else {
-                Rejection::Malformed
+            counters.reject(match error.kind() {
+                io::ErrorKind::InvalidData => Rejection::Oversized,
+                io::ErrorKind::OutOfMemory => Rejection::FrameBudget,
+                _ => Rejection::Malformed,
             });
             return None;
         }
-        Ok(None) | Err(_) => return None,
+        Ok(None) => return None,
+        Err(_) => {
+            counters.reject(Rejection::TimedOut);
+            return None;
+        }
     };
     counters.messages_received.fetch_add(1, Relaxed);
     counters
@@ -193,20 +242,42 @@ fn take<T: Transport>(
     Ok((from, message))
 }
 
-/// Responder side of one connection: an exchange, or a push.
-pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, conn: T::Connection) {
+/// Responder side of one connection: an exchange, or a push. `slot` is the connection's
+/// inbound slot; it is given back before any forwarding, which needs no connection of ours.
+pub(crate) async fn serve<T: Transport>(
+    shared: &Shared<T>,
+    conn: T::Connection,
+    mut slot: inbound::Slot,
+) {
     let mut link = Link::accepted(conn);
-    let Some((_, mut message)) = receive(shared, &mut link).await else {
+    let Some((from, mut message)) = receive(shared, &mut link).await else {
         return;
     };
-    if let Message::CompactSyn {
-        membership_hash,
-        versions,
-    } = &message
-    {
-        let reply = absorb(shared, |cluster| {
-            cluster.handle_compact_syn(*membership_hash, versions, Instant::now())
-        });
+    let known = shared.cluster().is_live_peer(&from);
+    match slot.establish(known) {
+        Establish::Established => {}
+        // Counted when it was taken back.
+        Establish::TakenBack => return,
+        Establish::NoRoom => return shared.counters.reject(Rejection::InboundFull),
+    }
+    let compact = match &message {
+        Message::CompactSyn {
+            membership_hash,
+            versions,
+        } => Some(absorb(shared, |cluster| {
+            cluster.handle_compact_syn(*membership_hash, versions, &from, Instant::now())
+        })),
+        Message::CompactSynRange {
+            membership_hash,
+            offset,
+            versions,
+        } => Some(absorb(shared, |cluster| {
+            let now = Instant::now();
+            cluster.handle_compact_syn_range(*membership_hash, *offset, versions, &from, now)
+        })),
+        _ => None,
+    };
+    if let Some(reply) = compact {
         if let Some(reply) = reply {
             return answer_syn(shared, link, reply).await;
         }
@@ -221,7 +292,7 @@ pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, conn: T::Connection)
     match message {
         Message::Syn { digest } => {
             let reply = absorb(shared, |cluster| {
-                cluster.handle_syn(&digest, Instant::now())
+                cluster.handle_syn(&digest, &from, Instant::now())
             });
             answer_syn(shared, link, reply).await;
         }
@@ -229,33 +300,35 @@ pub(crate) async fn serve<T: Transport>(shared: &Shared<T>, conn: T::Connection)
             name,
             generation,
             heartbeat,
-            mut forward_to,
+            forward_to,
         } => {
+            drop((link, slot));
             let suspicion = Suspicion {
                 name,
                 generation,
                 heartbeat,
             };
-            {
-                let mut cluster = shared.cluster();
-                cluster.corroborate(&suspicion, Instant::now());
-                cluster.retain_live(&mut forward_to);
-            }
-            forward_suspicion(shared, suspicion, forward_to).await;
+            let recipients = absorb(shared, |cluster| {
+                let now = Instant::now();
+                cluster.heard_from(&from, now);
+                cluster.corroborate(&suspicion, now);
+                cluster.recipients(forward_to, now)
+            });
+            forward_suspicion(shared, suspicion, recipients).await;
         }
         Message::Push {
             mut deltas,
-            mut forward_to,
+            forward_to,
         } => {
-            let deltas_to_forward = absorb(shared, |cluster| {
+            drop((link, slot));
+            let forwarding = absorb(shared, |cluster| {
                 cluster.retain_plausible(&mut deltas);
                 let to_forward = (!forward_to.is_empty()).then(|| deltas.clone());
-                cluster.apply_deltas(deltas, Instant::now());
-                to_forward
+                cluster.apply_deltas(deltas, &from, Instant::now());
+                to_forward.map(|deltas| (deltas, cluster.recipients(forward_to, Instant::now())))
             });
-            if let Some(deltas) = deltas_to_forward {
-                shared.cluster().retain_live(&mut forward_to);
-                push(shared, deltas, forward_to).await;
+            if let Some((deltas, recipients)) = forwarding {
+                push(shared, deltas, recipients).await;
             }
         }
         _ => shared.counters.reject(Rejection::Unexpected),
@@ -288,9 +361,9 @@ async fn answer_syn<T: Transport>(
         return;
     }
     match receive(shared, &mut link).await {
-        Some((_, Message::Ack { deltas })) => {
+        Some((from, Message::Ack { deltas })) => {
             absorb(shared, |cluster| {
-                cluster.apply_deltas(deltas, Instant::now())
+                cluster.apply_deltas(deltas, &from, Instant::now())
             });
             shared.counters.exchanges.fetch_add(1, Relaxed);
         }
@@ -315,50 +388,65 @@ fn absorb<T: Transport, R>(shared: &Shared<T>, feed: impl FnOnce(&mut Cluster) -
     result
 }
 
-async fn connect<T: Transport>(shared: &Shared<T>, target: &Target) -> Option<Link<T::Connection>> {
+/// Opens a connection to `target`. Unless the contact is `free`, it takes a token of the
+/// connection budget first, and is skipped (and counted) when there is none.
+async fn connect<T: Transport>(
+    shared: &Shared<T>,
+    target: &Target,
+    free: bool,
+) -> Option<Link<T::Connection>> {
+    if !free && !shared.connect_budget.try_take() {
+        shared.counters.connects_skipped.fetch_add(1, Relaxed);
+        return None;
+    }
     let (address, recipient) = match target {
         Target::Peer(name) => (name.parse().ok(), Some(name.as_str())),
         Target::Seed(seed) => (shared.resolve_seed(seed).await, None),
     };
-    match timeout(
+    let connected = timeout(
         shared.settings.connect_timeout,
         shared.transport.connect(address?),
     )
-    .await
-    {
+    .await;
+    match connected {
         Ok(Ok(connection)) => Some(Link::opened(shared, connection, recipient)),
         _ => {
             shared.counters.connect_failures.fetch_add(1, Relaxed);
+            unreachable(shared, target);
             None
         }
     }
 }
 
-/// Initiator side of one push-pull exchange: a CompactSyn first when we have one (see
+fn unreachable<T: Transport>(shared: &Shared<T>, target: &Target) {
+    if let Target::Peer(name) = target {
+        shared.cluster().note_unreachable(name);
+    }
+}
+
+/// Initiator side of one push-pull exchange: a compact digest (a CompactSyn or
+/// CompactSynRange, built on the membership that comes with it) first when we have one (see
 /// `Cluster::compact_digest`), the named digest if not or if the responder's membership differs.
 pub(crate) async fn exchange<T: Transport>(
     shared: &Shared<T>,
     target: Target,
-    compact: Option<(Arc<Membership>, Vec<u64>)>,
+    free: bool,
+    compact: Option<(Arc<Membership>, Message)>,
 ) {
-    let Some(mut link) = connect(shared, &target).await else {
+    let Some(mut link) = connect(shared, &target, free).await else {
         return;
     };
-    let (membership, versions) = compact.unzip();
+    let (membership, message) = compact.unzip();
     let mut positions = membership.as_deref();
     let mut response = None;
-    if let (Some(membership), Some(versions)) = (positions, versions) {
-        let message = Message::CompactSyn {
-            membership_hash: membership.hash,
-            versions,
-        };
+    if let Some(message) = message {
         if send(shared, &mut link, &message).await.is_err() {
             return;
         }
         response = receive(shared, &mut link).await;
     }
     if positions.is_none() || matches!(response, Some((_, Message::NeedDigest))) {
-        let digest = shared.cluster().digest();
+        let digest = shared.cluster().syn_digest();
         if send(shared, &mut link, &Message::Syn { digest })
             .await
             .is_err()
@@ -368,24 +456,30 @@ pub(crate) async fn exchange<T: Transport>(
         response = receive(shared, &mut link).await;
         positions = None;
     }
-    let reply = match response {
+    let (from, reply) = match response {
         Some((
-            _,
+            from,
             Message::SynAck {
                 deltas,
                 requests,
                 heartbeats,
             },
-        )) => SynReply {
-            deltas,
-            requests,
-            heartbeats,
-        },
-        Some(_) => return shared.counters.reject(Rejection::Unexpected),
-        None => return,
+        )) => (
+            from,
+            SynReply {
+                deltas,
+                requests,
+                heartbeats,
+            },
+        ),
+        Some(_) => {
+            unreachable(shared, &target);
+            return shared.counters.reject(Rejection::Unexpected);
+        }
+        None => return unreachable(shared, &target),
     };
     let answers = absorb(shared, |cluster| {
-        cluster.handle_syn_ack(reply, positions, Instant::now())
+        cluster.handle_syn_ack(reply, positions, &from, Instant::now())
     });
     if send(shared, &mut link, &Message::Ack { deltas: answers })
         .await
@@ -395,11 +489,11 @@ pub(crate) async fn exchange<T: Transport>(
     }
 }
 
-/// Broadcasts `deltas` to `targets` as a Push.
+/// Broadcasts `deltas` to `recipients` as a Push.
 pub(crate) async fn push<T: Transport>(
     shared: &Shared<T>,
     deltas: Vec<wire::NodeDelta>,
-    targets: Vec<String>,
+    recipients: Vec<Recipient>,
 ) {
     if deltas.is_empty() {
         return;
@@ -408,53 +502,79 @@ pub(crate) async fn push<T: Transport>(
         deltas: deltas.clone(),
         forward_to,
     };
-    broadcast(shared, targets, message).await;
+    broadcast(shared, recipients, message).await;
 }
 
-/// Sends a message to every node in `targets` along a tree: the targets are split into
-/// `push_fanout` shares; the first reachable node of each share gets `message(rest of its
-/// share)` to forward, so a broadcast to N nodes takes about log(N) hops. An unreachable node is
-/// skipped by its sender, so a dead peer does not cut off its share.
+/// Sends a message to every node in `recipients` along a tree. The recipients are dealt into
+/// at least `push_fanout` shares (more when one share's names would not fit in a message), the
+/// first recipients, those our connections reached, heading the shares; the first reachable
+/// node of each share gets `message(rest of its share)` to forward, so a broadcast to N nodes
+/// takes about log(N) hops. An unreachable node is skipped by its sender, so a dead peer does not
+/// cut off its share; a node we may not contact for want of budget is handed on in the list.
 async fn broadcast<T: Transport>(
     shared: &Shared<T>,
-    targets: Vec<String>,
+    recipients: Vec<Recipient>,
     message: impl Fn(Vec<String>) -> Message,
 ) {
-    if targets.is_empty() {
+    if recipients.is_empty() {
         return;
     }
-    let fanout = shared.settings.push_fanout.max(1);
-    let share_len = targets.len().div_ceil(fanout);
-    let shares = targets.chunks(share_len).map(|share| {
+    let settings = &shared.settings;
+    let names_bytes: usize = recipients.iter().map(|r| wire::name_bytes(&r.name)).sum();
+    let share_count = settings
+        .push_fanout
+        .max(recipients.len().div_ceil(settings.entries_per_message()))
+        .max(names_bytes.div_ceil(settings.forward_room()))
+        .min(recipients.len());
+    let mut shares: Vec<Vec<Recipient>> = vec![Vec::new(); share_count];
+    for (i, recipient) in recipients.into_iter().enumerate() {
+        shares[i % share_count].push(recipient);
+    }
+    let walks = shares.into_iter().map(|share| {
         let message = &message;
         async move {
-            for (i, peer) in share.iter().enumerate() {
-                let Some(mut link) = connect(shared, &Target::Peer(peer.clone())).await else {
+            let mut handed_on: Vec<String> = Vec::new();
+            let mut failures = 0;
+            for (i, recipient) in share.iter().enumerate() {
+                let free = recipient.reach != Reach::Unreachable;
+                let target = Target::Peer(recipient.name.clone());
+                let Some(mut link) = connect(shared, &target, free).await else {
+                    if free {
+                        failures += 1;
+                        if failures == SHARE_FAILURES {
+                            return;
+                        }
+                    } else {
+                        handed_on.push(recipient.name.clone());
+                    }
                     continue;
                 };
-                if send(shared, &mut link, &message(share[i + 1..].to_vec()))
-                    .await
-                    .is_ok()
-                {
+                let rest = handed_on
+                    .drain(..)
+                    .chain(share[i + 1..].iter().map(|r| r.name.clone()))
+                    .collect();
+                if send(shared, &mut link, &message(rest)).await.is_ok() {
                     shared.counters.pushes_sent.fetch_add(1, Relaxed);
                     return;
                 }
             }
         }
     });
-    futures_util::future::join_all(shares).await;
+    futures_util::future::join_all(walks).await;
 }
 
 /// Tells every live peer about a conviction of ours (see `Cluster::corroborate`).
 pub(crate) async fn announce_suspicion<T: Transport>(shared: &Shared<T>, suspicion: Suspicion) {
-    let targets = shared.cluster().broadcast_targets(&mut shared.rng());
+    let targets = shared
+        .cluster()
+        .broadcast_targets(Instant::now(), &mut shared.rng());
     forward_suspicion(shared, suspicion, targets).await;
 }
 
 async fn forward_suspicion<T: Transport>(
     shared: &Shared<T>,
     suspicion: Suspicion,
-    targets: Vec<String>,
+    recipients: Vec<Recipient>,
 ) {
     let message = |forward_to| Message::Suspect {
         name: suspicion.name.clone(),
@@ -462,7 +582,7 @@ async fn forward_suspicion<T: Transport>(
         heartbeat: suspicion.heartbeat,
         forward_to,
     };
-    broadcast(shared, targets, message).await;
+    broadcast(shared, recipients, message).await;
 }
 
 #[cfg(test)]
@@ -559,6 +679,10 @@ mod tests {
 
         async fn recv(&mut self) -> Option<io::Result<BytesMut>> {
             self.inner.recv().await
+        }
+
+        fn remote_ip(&self) -> IpAddr {
+            self.inner.remote_ip()
         }
     }
 
@@ -657,6 +781,7 @@ mod tests {
         let kind = match message {
             Message::Syn { .. } => "Syn",
             Message::CompactSyn { .. } => "CompactSyn",
+            Message::CompactSynRange { .. } => "CompactSynRange",
             Message::NeedDigest => "NeedDigest",
             Message::SynAck { .. } => "SynAck",
             Message::Ack { .. } => "Ack",

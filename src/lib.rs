@@ -7,8 +7,11 @@
 //!   - [`store`]: one node's keys and versions; [`peers`]: the peer table and membership.
 //! - [`detector`]: phi-accrual failure detection.
 //! - [`config`]: every option, its default and bounds (the one table `index.js` reads).
-//! - [`exchange`]: one connection's protocol: push-pull exchange, push tree, suspicion.
-//! - [`transport`]: TCP, and an in-memory network with faults for deterministic tests.
+//! - [`exchange`]: one connection's protocol: push-pull exchange, push tree, suspicion, and the
+//!   connection budget.
+//! - [`transport`]: TCP framing within a process-wide budget for partial frames, and an
+//!   in-memory network with faults for deterministic tests.
+//! - [`inbound`]: who may hold a node's inbound connection slots.
 //! - [`address`]: what a node calls itself and which seed addresses it contacts.
 //! - [`node`]: a node's lifecycle and tasks, on one runtime shared by the process.
 
@@ -16,6 +19,7 @@ pub mod address;
 pub mod config;
 pub mod detector;
 pub mod exchange;
+pub mod inbound;
 pub mod node;
 pub mod peers;
 pub mod protocol;

@@ -2,7 +2,9 @@
 //! serves every node, off the JavaScript thread.
 //!
 //! A started node owns three tasks (accept, gossip rounds, pushes) plus one per connection, all
-//! tracked by one [`TaskTracker`] and stopped by one [`CancellationToken`]. The lifecycle is a
+//! tracked by one [`TaskTracker`] and stopped by one [`CancellationToken`]; the push task owns
+//! the broadcasts it starts, which end with it. Each inbound connection holds a slot of the
+//! node's [`InboundSlots`] for as long as it is served. The lifecycle is a
 //! small state machine (stopped, running, stopping) behind a std mutex: `start` while stopping
 //! is refused with `ERR_GOSSIP_STOPPING`, and every `stop` call of one shutdown waits on the same
 //! completion, which fires once every task has ended and the port is free. The cluster state
@@ -10,21 +12,24 @@
 
 use crate::address;
 use crate::config::Settings;
-use crate::exchange;
-use crate::protocol::{self, Cluster, EventSink, PeerInfo, Tally};
+use crate::exchange::{self, ConnectBudget};
+use crate::inbound::InboundSlots;
+use crate::protocol::{self, Cluster, EventSink, PeerInfo, Tally, Target};
 use crate::seal::{Keys, ReplayGuard};
-use crate::transport::{Listener, Tcp, Transport};
+use crate::transport::{Connection, Listener, Tcp, Transport};
 use crate::wire::{self, Rejection};
 use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use tokio::runtime::Runtime;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -82,7 +87,10 @@ pub struct Counters {
     pub connect_failures: AtomicU64,
     /// Sends that failed or did not finish within `idle_timeout`.
     pub send_failures: AtomicU64,
+    /// Inbound connections refused, or closed to make room (see `inbound`).
     pub connections_refused: AtomicU64,
+    /// Outgoing connection attempts skipped because the connection budget was empty.
+    pub connects_skipped: AtomicU64,
     /// Seed host names that resolved to nothing; they are tried again later.
     pub seed_resolve_failures: AtomicU64,
     /// New incarnations begun to refute claims about this node that it did not make.
@@ -98,8 +106,18 @@ impl Counters {
         let Tally {
             implausible,
             refutations,
+            too_many_peers,
+            too_many_keys,
+            too_many_bytes,
         } = tally;
-        self.rejected[Rejection::Implausible as usize].fetch_add(implausible, Relaxed);
+        for (reason, count) in [
+            (Rejection::Implausible, implausible),
+            (Rejection::TooManyPeers, too_many_peers),
+            (Rejection::TooManyKeys, too_many_keys),
+            (Rejection::TooManyBytes, too_many_bytes),
+        ] {
+            self.rejected[reason as usize].fetch_add(count, Relaxed);
+        }
         self.refutations.fetch_add(refutations, Relaxed);
     }
 
@@ -155,6 +173,8 @@ pub(crate) struct Shared<T> {
     pub(crate) settings: Arc<Settings>,
     cluster: Mutex<Cluster>,
     pub(crate) counters: Counters,
+    /// Pays for connection attempts that are not free (see `exchange::connect`).
+    pub(crate) connect_budget: ConnectBudget,
     seeds: Vec<String>,
     pub(crate) transport: T,
     /// Empty without keys: frames then travel in plaintext.
@@ -304,8 +324,9 @@ impl<T: Transport> Node<T> {
             shared: Arc::new(Shared {
                 cluster: Mutex::new(Cluster::new(settings.clone(), sink)),
                 replay_guard: Mutex::new(ReplayGuard::new(settings.max_clock_skew)),
-                settings,
                 counters: Counters::default(),
+                connect_budget: ConnectBudget::new(settings.gossip_interval),
+                settings,
                 seeds,
                 transport,
                 keys: Keys::default(),
@@ -462,7 +483,7 @@ impl<T: Transport> Node<T> {
     ) -> Result<bool, Rejection> {
         wire::check_key_value(key, &value, &self.shared.settings.limits)?;
         let expires_at = ttl.map(|ttl| Instant::now() + ttl);
-        let changed = self.shared.cluster().set_local(key, value, expires_at);
+        let changed = self.shared.cluster().set_local(key, value, expires_at)?;
         if changed {
             self.shared.push_wanted.notify_one();
         }
@@ -485,6 +506,10 @@ impl<T: Transport> Node<T> {
 
     pub fn peer_infos(&self) -> Vec<PeerInfo> {
         self.shared.cluster().peer_infos(Instant::now())
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
     }
 
     pub fn counters(&self) -> &Counters {
@@ -553,9 +578,11 @@ async fn shutdown<T: Transport>(shared: &Shared<T>, running: Running) {
     let deltas = {
         let mut cluster = shared.cluster();
         cluster.leave();
-        cluster.take_unpushed()
+        cluster.take_unpushed(None)
     };
-    let targets = shared.cluster().broadcast_targets(&mut shared.rng());
+    let targets = shared
+        .cluster()
+        .broadcast_targets(Instant::now(), &mut shared.rng());
     let announce = exchange::push(shared, deltas, targets);
     let _ = timeout(shared.settings.connect_timeout, announce).await;
     cancel.cancel();
@@ -569,7 +596,7 @@ async fn accept_loop<T: Transport>(
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(shared.settings.max_inbound_connections));
+    let slots = InboundSlots::new(shared.settings.max_inbound_connections);
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -583,18 +610,29 @@ async fn accept_loop<T: Transport>(
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            shared.counters.connections_refused.fetch_add(1, Relaxed);
-            continue;
+        let counters = &shared.counters;
+        let slot = match slots.admit(connection.remote_ip()) {
+            Ok((slot, None)) => slot,
+            Ok((slot, Some(evicted))) => {
+                counters.reject(evicted);
+                counters.connections_refused.fetch_add(1, Relaxed);
+                slot
+            }
+            Err(reason) => {
+                counters.reject(reason);
+                counters.connections_refused.fetch_add(1, Relaxed);
+                continue;
+            }
         };
         let shared = shared.clone();
         let cancel = cancel.clone();
+        let taken_back = slot.closed();
         tasks.spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = exchange::serve(&shared, connection) => {}
+                _ = taken_back.cancelled() => {}
+                _ = exchange::serve(&shared, connection, slot) => {}
             }
-            drop(permit);
         });
     }
 }
@@ -629,9 +667,19 @@ async fn gossip_loop<T: Transport>(
         last_tick = now;
         let (convicted, targets, compact, tally, disputes, unpushed) = {
             let mut cluster = shared.cluster();
+            let convicted = cluster.tick(now, stall, &mut rng);
+            let targets: Vec<(Target, bool)> = cluster
+                .gossip_targets(&shared.seeds, &mut rng)
+                .into_iter()
+                .map(|target| {
+                    let free =
+                        matches!(&target, Target::Peer(name) if cluster.contact_is_free(name));
+                    (target, free)
+                })
+                .collect();
             (
-                cluster.tick(now, stall, &mut rng),
-                cluster.gossip_targets(&shared.seeds, &mut rng),
+                convicted,
+                targets,
                 cluster.compact_digest(),
                 cluster.take_tally(),
                 cluster.take_disputes(),
@@ -664,14 +712,14 @@ async fn gossip_loop<T: Transport>(
                 }
             });
         }
-        for target in targets {
+        for (target, free) in targets {
             let shared = shared.clone();
             let compact = compact.clone();
             let cancel = cancel.clone();
             tasks.spawn(async move {
                 tokio::select! {
                     _ = cancel.cancelled() => {}
-                    _ = exchange::exchange(&shared, target, compact) => {}
+                    _ = exchange::exchange(&shared, target, free, compact) => {}
                 }
             });
         }
@@ -680,10 +728,17 @@ async fn gossip_loop<T: Transport>(
 
 /// Broadcasts local changes as soon as they happen. Broadcasts start at most every
 /// `PUSH_SPACING`; changes made in between go out together, so a burst of writes costs a few
-/// broadcasts while a lone write leaves at once.
+/// broadcasts while a lone write leaves at once. The loop waits for a broadcast up to
+/// `PUSH_PATIENCE`: one still walking past unreachable nodes after that goes on in the
+/// background, and the next carries its changes again, since it may arrive first. A change too
+/// large for one frame waits for every broadcast before it, so that the pieces arrive in order.
 async fn push_loop<T: Transport>(shared: Arc<Shared<T>>, cancel: CancellationToken) {
     let mut rng = shared.rng();
     let mut last_broadcast = Instant::now() - PUSH_SPACING;
+    // Broadcasts under way, each with the generation and version its changes start after.
+    let mut in_flight = JoinSet::new();
+    let mut starts: HashMap<tokio::task::Id, (u64, u64)> = HashMap::new();
+    let mut in_pieces = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -693,19 +748,54 @@ async fn push_loop<T: Transport>(shared: Arc<Shared<T>>, cancel: CancellationTok
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(last_broadcast + PUSH_SPACING) => {}
         }
+        while let Some(done) = in_flight.try_join_next_with_id() {
+            starts.remove(&finished(done));
+        }
+        while in_pieces && !in_flight.is_empty() || in_flight.len() >= MAX_BROADCASTS {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                Some(done) = in_flight.join_next_with_id() => {
+                    starts.remove(&finished(done));
+                }
+            }
+        }
+        let resend_from = starts.values().min().copied();
         let (deltas, targets) = {
             let mut cluster = shared.cluster();
-            let targets = cluster.broadcast_targets(&mut rng);
+            let targets = cluster.broadcast_targets(Instant::now(), &mut rng);
             if targets.is_empty() {
                 // Kept until an exchange brings peers (see `exchange::absorb`).
                 continue;
             }
-            (cluster.take_unpushed(), targets)
+            let deltas = cluster.take_unpushed(resend_from);
+            in_pieces = cluster.has_unpushed();
+            (deltas, targets)
         };
         last_broadcast = Instant::now();
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = exchange::push(&shared, deltas, targets) => {}
+        let start = deltas.first().map(|d| (d.generation, d.from_version));
+        let broadcast = {
+            let shared = shared.clone();
+            async move { exchange::push(&shared, deltas, targets).await }
+        };
+        let ours = in_flight.spawn(broadcast).id();
+        if let Some(start) = start {
+            starts.insert(ours, start);
+        }
+        let patience = tokio::time::sleep(PUSH_PATIENCE);
+        tokio::pin!(patience);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = &mut patience => break,
+                done = in_flight.join_next_with_id() => {
+                    let Some(done) = done else { break };
+                    let id = finished(done);
+                    starts.remove(&id);
+                    if id == ours {
+                        break;
+                    }
+                }
+            }
         }
         if shared.cluster().has_unpushed() {
             shared.push_wanted.notify_one();
@@ -713,4 +803,272 @@ async fn push_loop<T: Transport>(shared: Arc<Shared<T>>, cancel: CancellationTok
     }
 }
 
+/// The task id of a finished broadcast, whether it completed or panicked.
+fn finished(done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) -> tokio::task::Id {
+    match done {
+        Ok((id, ())) => id,
+        Err(error) => error.id(),
+    }
+}
+
 const PUSH_SPACING: Duration = Duration::from_millis(5);
+
+/// How long the push loop waits for one broadcast before starting the next beside it.
+const PUSH_PATIENCE: Duration = Duration::from_millis(100);
+
+/// Broadcasts of local changes under way at once, at most.
+const MAX_BROADCASTS: usize = 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Event;
+    use crate::transport::{Connection, MemNetwork, MemTransport};
+    use crate::wire::{Message, NodeDelta};
+    use std::net::Ipv4Addr;
+
+    /// Records events as text, the way a listener would see them.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl EventSink for Recorder {
+        fn emit(&self, event: Event<'_>) {
+            let text = match event {
+                Event::NewPeer(p) => format!("new_peer {p}"),
+                Event::Update { peer, key, .. } => format!("update {peer} {key}"),
+                Event::Delete { peer, key } => format!("delete {peer} {key}"),
+                Event::PeerAlive(p) => format!("peer_alive {p}"),
+                Event::PeerFailed(p) => format!("peer_failed {p}"),
+            };
+            self.0.lock().unwrap().push(text);
+        }
+    }
+
+    impl Recorder {
+        fn failures(&self) -> Vec<String> {
+            let events = self.0.lock().unwrap();
+            events
+                .iter()
+                .filter(|e| e.starts_with("peer_failed"))
+                .cloned()
+                .collect()
+        }
+    }
+
+    struct TestNode {
+        node: Node<MemTransport>,
+        events: Arc<Recorder>,
+        name: String,
+    }
+
+    fn host(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
+    }
+
+    /// Node `last` of a cluster whose seed is node 1, listening on 10.0.0.`last`:7000.
+    fn start(net: &MemNetwork, last: u8, settings: Settings) -> TestNode {
+        let events = Arc::new(Recorder::default());
+        let seeds = vec!["10.0.0.1:7000".to_string()];
+        let node = Node::with_transport(
+            settings,
+            seeds,
+            events.clone(),
+            net.host(host(last)),
+            Some(last as u64),
+        );
+        let listen = Listen {
+            port: 7000,
+            address: Some(host(last)),
+            advertise: None,
+        };
+        let (name, _) = node.start(&listen).unwrap();
+        TestNode {
+            node,
+            events,
+            name: name.unwrap(),
+        }
+    }
+
+    fn cluster(net: &MemNetwork, size: u8, settings: &Settings) -> Vec<TestNode> {
+        (1..=size)
+            .map(|i| start(net, i, settings.clone()))
+            .collect()
+    }
+
+    fn sees_all_live(nodes: &[TestNode]) -> bool {
+        nodes
+            .iter()
+            .all(|n| n.node.with_cluster(|c| c.peer_names(Some(true)).len()) == nodes.len() - 1)
+    }
+
+    fn holds(node: &TestNode, peer: &TestNode, key: &str) -> bool {
+        node.node
+            .with_cluster(|c| c.node_value(&peer.name, key).is_some())
+    }
+
+    /// Keyless deltas for `count` names that no node has, at `heartbeat`.
+    fn fakes(count: u32, heartbeat: u64) -> Vec<NodeDelta> {
+        (0..count)
+            .map(|i| NodeDelta {
+                name: format!("10.1.{}.{}:7000", i >> 8 & 255, i & 255),
+                generation: 1,
+                heartbeat,
+                from_version: 0,
+                to_version: 0,
+                left: false,
+                kvs: vec![],
+                horizon: 0,
+            })
+            .collect()
+    }
+
+    const ATTACKER: u8 = 66;
+
+    /// A Push of `deltas` sent to `to` from the attacker's host, as `from`.
+    async fn push_from(net: &MemNetwork, to: &TestNode, from: &str, deltas: Vec<NodeDelta>) {
+        let message = Message::Push {
+            deltas,
+            forward_to: vec![],
+        };
+        let frame = wire::encode("gossiper", from, &message);
+        let address = to.name.parse().unwrap();
+        let mut conn = net.host(host(ATTACKER)).connect(address).await.unwrap();
+        conn.send(frame).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_spreads_at_once_despite_thousands_of_fake_names() {
+        let net = MemNetwork::new(1, 4 << 20);
+        let nodes = cluster(&net, 3, &Settings::default());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(sees_all_live(&nodes));
+        let victim = &nodes[0];
+        // 8,190 names, pushed twice a round apart so that the victim trusts them. A third of them
+        // never answer a connection (cut off), a third accept it and swallow what is sent (a
+        // listener that never accepts), a third refuse it.
+        let attacker = host(ATTACKER).to_string() + ":1";
+        push_from(&net, victim, &attacker, fakes(8190, 1)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        push_from(&net, victim, &attacker, fakes(8190, 2)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            victim.node.with_cluster(|c| c.peer_names(Some(true)).len()),
+            8192
+        );
+        let mut tarpits = Vec::new();
+        for i in 0..8190u32 {
+            let fake = IpAddr::V4(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8));
+            match i % 3 {
+                0 => net.cut(host(1), fake),
+                1 => tarpits.push(net.host(fake).bind(SocketAddr::new(fake, 7000)).unwrap()),
+                _ => {}
+            }
+        }
+        // Every write goes down the push tree to both peers: within 100 ms, where a gossip
+        // round (anti-entropy) takes a second.
+        for round in 0..10 {
+            let key = format!("write{round}");
+            victim
+                .node
+                .set_local(&key, Bytes::from_static(&[0xc0]), None)
+                .unwrap();
+            let written = Instant::now();
+            while !nodes[1..].iter().all(|n| holds(n, victim, &key)) {
+                assert!(
+                    written.elapsed() < Duration::from_millis(100),
+                    "{key} missed the push"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // The fakes fail in time; the real nodes never do.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        for node in &nodes[1..] {
+            assert_eq!(node.events.failures(), Vec::<String>::new());
+        }
+        let real: Vec<String> = nodes[1..].iter().map(|n| n.name.clone()).collect();
+        assert_eq!(victim.node.with_cluster(|c| c.peer_names(Some(true))), real);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connection_attempts_stay_bounded_however_many_names_fail() {
+        let net = MemNetwork::new(2, 4 << 20);
+        let nodes = cluster(&net, 2, &Settings::default());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let victim = &nodes[0];
+        let attacker = host(ATTACKER).to_string() + ":1";
+        push_from(&net, victim, &attacker, fakes(1000, 1)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        push_from(&net, victim, &attacker, fakes(1000, 2)).await;
+        // A thousand live peers that refuse every connection, and a write every 10 ms for 10 s:
+        // each fake costs one free attempt at most; after that, only the connection budget (16
+        // a second, 32 saved) pays for trying them again.
+        let counters = victim.node.counters();
+        let attempts = || counters.connect_failures.load(Relaxed);
+        let before = attempts();
+        for i in 0..1000u16 {
+            let [high, low] = i.to_be_bytes();
+            victim
+                .node
+                .set_local("k", Bytes::from(vec![0xcd, high, low]), None)
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let made = attempts() - before;
+        assert!(made <= 1000 + 32 + 16 * 10, "{made} failed attempts");
+        assert!(counters.connects_skipped.load(Relaxed) > 0);
+        assert!(holds(&nodes[1], victim, "k"));
+        assert_eq!(nodes[1].events.failures(), Vec::<String>::new());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_connections_holding_every_slot_cause_no_false_failure() {
+        let net = MemNetwork::new(3, 4 << 20);
+        let settings = Settings {
+            max_inbound_connections: 16,
+            ..Settings::default()
+        };
+        let nodes = cluster(&net, 3, &settings);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(sees_all_live(&nodes));
+        // Eight attacking hosts, so that no per-source limit applies: every second, twice as
+        // many new connections as each node has slots, none of which ever sends a byte.
+        let attackers: Vec<MemTransport> = (0..8).map(|i| net.host(host(100 + i))).collect();
+        let mut held = Vec::new();
+        for second in 0..40 {
+            held.clear();
+            for node in &nodes {
+                let address = node.name.parse().unwrap();
+                for attacker in &attackers {
+                    for _ in 0..4 {
+                        held.push(attacker.connect(address).await.unwrap());
+                    }
+                }
+            }
+            if second % 10 == 5 {
+                let writer = &nodes[second % 3];
+                let key = format!("during{second}");
+                writer
+                    .node
+                    .set_local(&key, Bytes::from_static(&[0xc3]), None)
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                for node in &nodes {
+                    assert!(
+                        node.name == writer.name || holds(node, writer, &key),
+                        "{key}"
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        for node in &nodes {
+            assert_eq!(node.events.failures(), Vec::<String>::new());
+            let counters = node.node.counters();
+            let closed = counters.rejected(Rejection::SourceLimit)
+                + counters.rejected(Rejection::InboundFull);
+            assert!(closed > 0, "the flood took no slot");
+        }
+    }
+}

@@ -1,9 +1,11 @@
 //! The peer table: every remote node this one knows, in dense slots with a name index, and the
-//! sorted membership that lets two nodes refer to peers by position.
+//! sorted membership that lets two nodes refer to peers by position; and the candidates: names
+//! heard of only second-hand, kept apart until they are confirmed.
 //!
 //! Invariant: `index` maps each peer's name to its slot. Removing a peer moves the last one into
 //! its slot, so slots are only stable while nothing is removed; `Cluster::slot_epoch` counts
-//! removals so that a membership built earlier knows when its slots went stale.
+//! removals so that a membership built earlier knows when its slots went stale. A name is a
+//! peer or a candidate, never both, and neither table grows past its capacity.
 
 use crate::detector::PhiDetector;
 use crate::store::NodeState;
@@ -23,6 +25,22 @@ pub struct Peer {
     /// three eighths of the threshold) but not enough to agree: we will once our own phi is
     /// three quarters of the way, unless it beats first.
     pub(crate) suspected: bool,
+    pub(crate) reach: Reach,
+}
+
+/// What our own connections say about reaching a peer: the basis for whether contacting it is
+/// free or must wait for the connection budget (see `exchange::connect`), and for whom a
+/// broadcast goes to first. Only a frame from the peer counts as reaching it: anything listening
+/// at an address accepts a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Not heard from directly, and not failed us.
+    Unknown,
+    /// Heard from directly since it last failed us.
+    Reached,
+    /// Our last connection to it failed, or our last exchange with it got no answer, and it has
+    /// not been heard from directly since.
+    Unreachable,
 }
 
 /// FNV-1a for the peer index: names are short, and a round looks each known node up several
@@ -103,6 +121,109 @@ impl PeerTable {
         self.slots.len()
     }
 }
+/// A name heard of second-hand, as first heard: it becomes a peer when heard from directly, or
+/// when its heartbeat is heard higher at least `Candidates::min_wait` later.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    generation: u64,
+    heartbeat: u64,
+    heard_at: Instant,
+}
+
+/// Names heard of but not yet trusted: a few dozen bytes each, never contacted, never shown,
+/// holding no keys. Full, it refuses new names; entries expire after `ttl`.
+#[derive(Debug)]
+pub(crate) struct Candidates {
+    table: HashMap<Name, Candidate, FnvBuild>,
+    capacity: usize,
+    /// How long a heartbeat must take to rise before the rise confirms the name.
+    min_wait: std::time::Duration,
+    ttl: std::time::Duration,
+}
+
+/// What one report about a candidate amounts to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Heard {
+    /// Its heartbeat rose over time: a peer from now on, at this generation and heartbeat.
+    Confirmed { generation: u64, heartbeat: u64 },
+    /// Noted, or already noted; not trusted yet.
+    Noted,
+    /// The table is full.
+    Refused,
+}
+
+impl Candidates {
+    pub(crate) fn new(
+        capacity: usize,
+        min_wait: std::time::Duration,
+        ttl: std::time::Duration,
+    ) -> Self {
+        Candidates {
+            table: HashMap::default(),
+            capacity,
+            min_wait,
+            ttl,
+        }
+    }
+
+    /// Notes a report of `name` at `generation` and `heartbeat`.
+    pub(crate) fn hear(
+        &mut self,
+        name: &str,
+        generation: u64,
+        heartbeat: u64,
+        now: Instant,
+    ) -> Heard {
+        let first = Candidate {
+            generation,
+            heartbeat,
+            heard_at: now,
+        };
+        let full = self.table.len() >= self.capacity;
+        match self.table.get_mut(name) {
+            Some(known) if generation > known.generation => *known = first,
+            Some(known)
+                if generation == known.generation
+                    && heartbeat > known.heartbeat
+                    && now.saturating_duration_since(known.heard_at) >= self.min_wait =>
+            {
+                self.table.remove(name);
+                return Heard::Confirmed {
+                    generation,
+                    heartbeat,
+                };
+            }
+            Some(_) => {}
+            None if full => return Heard::Refused,
+            None => {
+                self.table.insert(name.into(), first);
+            }
+        }
+        Heard::Noted
+    }
+
+    /// The generation and heartbeat a candidate was first heard at; removes it.
+    pub(crate) fn take(&mut self, name: &str) -> Option<(u64, u64)> {
+        self.table
+            .remove(name)
+            .map(|candidate| (candidate.generation, candidate.heartbeat))
+    }
+
+    pub(crate) fn forget(&mut self, name: &str) {
+        self.table.remove(name);
+    }
+
+    /// Drops candidates heard of `ttl` ago and never confirmed.
+    pub(crate) fn expire(&mut self, now: Instant) {
+        let ttl = self.ttl;
+        self.table
+            .retain(|_, c| now.saturating_duration_since(c.heard_at) < ttl);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
+    }
+}
 
 /// Every known node, ourselves included, as (name, generation) sorted by name, with a hash that
 /// two nodes compare to know they can refer to nodes by position.
@@ -163,6 +284,7 @@ mod tests {
             live: true,
             dead_since: None,
             suspected: false,
+            reach: Reach::Unknown,
         }
     }
 
@@ -179,5 +301,66 @@ mod tests {
         }
         assert_eq!(table.len(), 3);
         assert!(table.get("b").is_none());
+    }
+}
+
+#[cfg(test)]
+mod candidate_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_candidate_is_confirmed_by_a_heartbeat_rise_over_time_only() {
+        let now = Instant::now();
+        let mut candidates =
+            Candidates::new(2, Duration::from_millis(500), Duration::from_secs(10));
+        assert_eq!(candidates.hear("a", 5, 10, now), Heard::Noted);
+        // The same heartbeat, or a rise heard too soon, confirms nothing.
+        assert_eq!(
+            candidates.hear("a", 5, 10, now + Duration::from_secs(1)),
+            Heard::Noted
+        );
+        assert_eq!(
+            candidates.hear("a", 5, 11, now + Duration::from_millis(100)),
+            Heard::Noted
+        );
+        assert_eq!(
+            candidates.hear("a", 5, 11, now + Duration::from_millis(600)),
+            Heard::Confirmed {
+                generation: 5,
+                heartbeat: 11
+            }
+        );
+        assert_eq!(candidates.len(), 0);
+        // A new generation starts over; an older one changes nothing.
+        candidates.hear("b", 5, 10, now);
+        candidates.hear("b", 6, 1, now + Duration::from_secs(1));
+        assert_eq!(
+            candidates.hear("b", 5, 99, now + Duration::from_secs(2)),
+            Heard::Noted
+        );
+        assert_eq!(
+            candidates.hear("b", 6, 2, now + Duration::from_millis(1200)),
+            Heard::Noted
+        );
+        assert!(matches!(
+            candidates.hear("b", 6, 2, now + Duration::from_secs(2)),
+            Heard::Confirmed { generation: 6, .. }
+        ));
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_expires() {
+        let now = Instant::now();
+        let mut candidates =
+            Candidates::new(2, Duration::from_millis(500), Duration::from_secs(10));
+        candidates.hear("a", 1, 1, now);
+        candidates.hear("b", 1, 1, now + Duration::from_secs(5));
+        assert_eq!(candidates.hear("c", 1, 1, now), Heard::Refused);
+        candidates.expire(now + Duration::from_secs(10));
+        assert_eq!(candidates.len(), 1);
+        assert_eq!(candidates.hear("c", 1, 1, now), Heard::Noted);
+        assert_eq!(candidates.take("b"), Some((1, 1)));
+        assert_eq!(candidates.take("b"), None);
     }
 }

@@ -2,7 +2,7 @@
 //! key (XChaCha20-Poly1305), stamped so that a recorded frame cannot be played again, and opened
 //! with a keyring that changes at runtime for rotation.
 //!
-//! A sealed frame body (what follows the 4-byte length of [`crate::wire::codec`]) is
+//! A sealed frame body (what follows the 4-byte length of [`crate::transport::read_frame`]) is
 //!
 //! ```text
 //! c1 | 01 format | 01 algorithm | key id (4) | nonce (24) | ciphertext | tag (16)

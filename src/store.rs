@@ -10,13 +10,16 @@
 //!   therefore never disagree about a version both have passed: [`NodeState::admits`] checks
 //!   that, so that a forged write colliding with a real one shows.
 //! - No tombstone at or below `horizon` is held.
+//! - `bytes` is the sum of every entry's key and value lengths (a tombstone's value is empty),
+//!   and a view holds no more entries or bytes than the limits it was applied under (see
+//!   [`StateLimits`]).
 //! - A peer's view holds no key that the owner deleted at a version at or below
 //!   `max(max_version, horizon)`: applying every entry the owner holds above `max_version` to
 //!   the view gives the owner's state. A delta that could break this is refused; a delta from
 //!   version 0 (the sender's whole view) replaces a view that is older than its horizon.
 
 use crate::peers::FnvBuild;
-use crate::wire::{DigestEntry, KeyValue, NodeDelta};
+use crate::wire::{self, DigestEntry, KeyValue, NodeDelta, Rejection};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use tokio::time::Instant;
@@ -50,6 +53,35 @@ pub struct NodeState {
     by_version: BTreeMap<u64, String>,
     /// Versions of the tombstones held, so collection costs what it removes.
     tombstones: BTreeSet<u64>,
+    bytes: usize,
+}
+
+/// What an outgoing message may still carry of deltas: encoded bytes, and keys.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Budget {
+    pub bytes: usize,
+    pub keys: usize,
+}
+
+/// The most one view may hold: entries (tombstones included), and bytes of keys and values.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StateLimits {
+    pub keys: usize,
+    pub bytes: usize,
+}
+
+impl StateLimits {
+    /// Why writing `kv` would take `state` past these limits, if it would.
+    fn refuse(self, state: &NodeState, kv: &KeyValue) -> Option<Rejection> {
+        let (keys, bytes) = state.size_with(&kv.key, kv.value.len());
+        if keys > self.keys {
+            Some(Rejection::TooManyKeys)
+        } else if bytes > self.bytes {
+            Some(Rejection::TooManyBytes)
+        } else {
+            None
+        }
+    }
 }
 
 /// What applying a delta did (see [`NodeState::apply`]).
@@ -60,6 +92,9 @@ pub(crate) struct Applied {
     pub raised: bool,
     /// What the view held at a version where the delta disagreed with it, for the owner to judge.
     pub disputed: Option<NodeDelta>,
+    /// Why the delta was applied only up to the key before one that would have taken the view
+    /// past its limits: the view's max version stops there, as for a delta cut to fit a frame.
+    pub refused: Option<Rejection>,
 }
 
 /// Where a delta starts for a view at `max_version` and `horizon` (see [`NodeState::delta_start`]).
@@ -85,14 +120,29 @@ impl NodeState {
         if value.is_empty() {
             self.tombstones.insert(version);
         }
-        if let Some(old) = self.kvs.insert(key.clone(), Versioned { version, value }) {
-            self.by_version.remove(&old.version);
-            if !old.is_live() {
-                self.tombstones.remove(&old.version);
+        self.bytes += value.len();
+        let key_len = key.len();
+        match self.kvs.insert(key.clone(), Versioned { version, value }) {
+            Some(old) => {
+                self.bytes -= old.value.len();
+                self.by_version.remove(&old.version);
+                if !old.is_live() {
+                    self.tombstones.remove(&old.version);
+                }
             }
+            None => self.bytes += key_len,
         }
         self.by_version.insert(version, key);
         self.max_version = self.max_version.max(version);
+    }
+
+    /// How many entries, and bytes of keys and values, this state would hold with `key` set to
+    /// a value of `value_len` bytes.
+    pub(crate) fn size_with(&self, key: &str, value_len: usize) -> (usize, usize) {
+        match self.kvs.get(key) {
+            Some(old) => (self.kvs.len(), self.bytes - old.value.len() + value_len),
+            None => (self.kvs.len() + 1, self.bytes + key.len() + value_len),
+        }
     }
 
     /// The value of a live key.
@@ -190,6 +240,7 @@ impl NodeState {
             self.tombstones.pop_first();
             if let Some(key) = self.by_version.remove(&oldest) {
                 self.kvs.remove(&key);
+                self.bytes -= key.len();
             }
         }
         self.horizon = self.horizon.max(version);
@@ -243,29 +294,53 @@ impl NodeState {
         }
     }
 
-    /// Keys written after `from_version`, oldest first, while `budget` lasts. A cut delta ends at
-    /// its last key, so the receiver's `max_version` stays truthful.
-    pub(crate) fn delta(&self, name: &str, from_version: u64, budget: &mut usize) -> NodeDelta {
-        *budget = budget.saturating_sub(name.len() + 56);
+    /// This node's counters without keys: a delta from `max_version` to itself, which tells a
+    /// receiver the node exists and how far it is, and costs a few dozen bytes.
+    pub(crate) fn announcement(&self, name: &str) -> NodeDelta {
+        NodeDelta {
+            name: name.to_owned(),
+            generation: self.generation,
+            heartbeat: self.heartbeat,
+            from_version: self.max_version,
+            to_version: self.max_version,
+            left: self.left,
+            kvs: Vec::new(),
+            horizon: self.horizon,
+        }
+    }
+
+    /// Keys written after `from_version`, oldest first, while `budget` lasts; None when it
+    /// cannot hold even the delta's header. A cut delta ends at its last key, so the receiver's
+    /// `max_version` stays truthful.
+    pub(crate) fn delta(
+        &self,
+        name: &str,
+        from_version: u64,
+        budget: &mut Budget,
+    ) -> Option<NodeDelta> {
+        budget.bytes = budget
+            .bytes
+            .checked_sub(wire::DELTA_HEADER_BYTES + wire::name_bytes(name))?;
         let mut kvs = Vec::new();
         let mut to_version = self.max_version;
         let mut complete = true;
         for (&version, key) in self.by_version.range(from_version + 1..) {
             let value = &self.kvs[key].value;
-            let cost = key.len() + value.len() + 12;
-            if cost > *budget {
+            let cost = wire::KEY_VALUE_BYTES + key.len() + value.len();
+            if cost > budget.bytes || budget.keys == 0 {
                 to_version = kvs.last().map_or(from_version, |kv: &KeyValue| kv.version);
                 complete = false;
                 break;
             }
-            *budget -= cost;
+            budget.bytes -= cost;
+            budget.keys -= 1;
             kvs.push(KeyValue {
                 key: key.clone(),
                 version,
                 value: value.clone(),
             });
         }
-        NodeDelta {
+        Some(NodeDelta {
             name: name.to_owned(),
             generation: self.generation,
             heartbeat: self.heartbeat,
@@ -274,17 +349,18 @@ impl NodeState {
             left: self.left && complete,
             kvs,
             horizon: self.horizon,
-        }
+        })
     }
 
-    /// Applies a delta of `name`, of this view's generation, reporting each change to a key as
-    /// it happens (`None`: deleted). Returns None, changing nothing, when the delta is refused:
-    /// it leaves a gap, or it cannot be trusted against the deletions this view or the sender
-    /// knows of.
+    /// Applies a delta of `name`, of this view's generation, within `limits`, reporting each
+    /// change to a key as it happens (`None`: deleted). Returns None, changing nothing, when the
+    /// delta is refused: it leaves a gap, or it cannot be trusted against the deletions this
+    /// view or the sender knows of.
     pub(crate) fn apply(
         &mut self,
         name: &str,
         delta: &mut NodeDelta,
+        limits: StateLimits,
         changed: &mut impl FnMut(&str, Option<&[u8]>),
     ) -> Option<Applied> {
         let stale = delta.horizon > self.max_version.max(self.horizon);
@@ -293,11 +369,12 @@ impl NodeState {
             let previous = std::mem::replace(self, NodeState::new(self.generation));
             self.heartbeat = previous.heartbeat;
             self.left = previous.left;
-            self.take_snapshot(delta);
+            let refused = self.take_snapshot(delta, limits);
             self.report_replacement(&previous, true, changed);
             return Some(Applied {
                 raised: true,
                 disputed,
+                refused,
             });
         }
         let sender_behind = delta.horizon < self.horizon && self.max_version < self.horizon;
@@ -306,9 +383,16 @@ impl NodeState {
         }
         let raised = delta.to_version > self.max_version;
         let disputed = self.first_disputed(name, &delta.kvs);
+        let mut applied_to = delta.to_version;
+        let mut refused = None;
         for kv in std::mem::take(&mut delta.kvs) {
             if kv.version <= self.max_version {
                 continue;
+            }
+            refused = limits.refuse(self, &kv);
+            if refused.is_some() {
+                applied_to = kv.version - 1;
+                break;
             }
             let was_live = self.value(&kv.key).is_some();
             if kv.is_tombstone() {
@@ -320,11 +404,16 @@ impl NodeState {
             }
             self.insert(kv.key, kv.version, kv.value);
         }
-        self.max_version = self.max_version.max(delta.to_version);
-        if delta.horizon > self.horizon {
+        self.max_version = self.max_version.max(applied_to);
+        // A cut delta's horizon may lie past what was applied: it is learned later.
+        if delta.horizon > self.horizon && refused.is_none() {
             self.collect_through(delta.horizon);
         }
-        Some(Applied { raised, disputed })
+        Some(Applied {
+            raised,
+            disputed,
+            refused,
+        })
     }
 
     /// What this view holds at the first version of `kvs` it has passed and disagrees with:
@@ -343,25 +432,39 @@ impl NodeState {
         &mut self,
         previous: &NodeState,
         delta: &mut NodeDelta,
+        limits: StateLimits,
         changed: &mut impl FnMut(&str, Option<&[u8]>),
     ) -> Option<Applied> {
         let raised = delta.from_version == 0;
-        if raised {
-            self.take_snapshot(delta);
-        }
+        let refused = if raised {
+            self.take_snapshot(delta, limits)
+        } else {
+            None
+        };
         self.report_replacement(previous, false, changed);
         raised.then_some(Applied {
             raised,
             disputed: None,
+            refused,
         })
     }
 
-    fn take_snapshot(&mut self, delta: &mut NodeDelta) {
+    /// Fills this fresh view with a whole state, up to the key before one past `limits`, if any
+    /// (then the view's max version stops there, as for a snapshot cut to fit a frame).
+    fn take_snapshot(&mut self, delta: &mut NodeDelta, limits: StateLimits) -> Option<Rejection> {
+        let mut applied_to = delta.to_version;
+        let mut refused = None;
         for kv in std::mem::take(&mut delta.kvs) {
+            refused = limits.refuse(self, &kv);
+            if refused.is_some() {
+                applied_to = kv.version - 1;
+                break;
+            }
             self.insert(kv.key, kv.version, kv.value);
         }
-        self.max_version = delta.to_version;
+        self.max_version = applied_to;
         self.horizon = delta.horizon;
+        refused
     }
 
     /// Reports how this view differs from `previous`: first the keys that vanished (deleted at

@@ -6,21 +6,28 @@
 //! transports refuse frames over `max_frame_bytes` on either side, so a test over memory meets
 //! the same limits as TCP. The in-memory network injects faults per frame (drop, delay, reorder
 //! through random delays, duplicate) and per pair of hosts (partitions).
+//!
+//! TCP frames are read by [`read_frame`]: the 4-byte length is checked before anything else, and
+//! the body's buffer grows only as bytes arrive, each growth taken from one [`FrameBudget`]
+//! shared by every connection of the process. Invariant: the bytes held by partly received
+//! frames never exceed the budget for longer than it takes an evicted connection to wake and
+//! drop its buffer; over budget, the frame that started longest ago is dropped, so a crowd of
+//! slow or stalled senders cannot crowd out a peer whose frame arrives at once.
 
-use crate::wire;
-use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
+use bytes::{BufMut, Bytes, BytesMut};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdListener, UdpSocket};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 
 /// Where nodes listen and how they reach each other.
 pub trait Transport: Send + Sync + 'static {
@@ -59,29 +66,243 @@ pub trait Connection: Send + 'static {
     fn send(&mut self, frame: Bytes) -> impl Future<Output = io::Result<()>> + Send;
 
     /// The next frame; `None` once the other side closed. An oversized frame is an error of
-    /// kind `InvalidData`.
+    /// kind `InvalidData`, a frame dropped to keep within the [`FrameBudget`] one of kind
+    /// `OutOfMemory`.
     fn recv(&mut self) -> impl Future<Output = Option<io::Result<BytesMut>>> + Send;
+
+    /// The address of the other end's host.
+    fn remote_ip(&self) -> IpAddr;
+}
+
+/// The first allocation for a frame's body; it doubles from there as bytes arrive.
+const FIRST_CHUNK: usize = 16 << 10;
+
+/// The process-wide budget's floor: room for a few large frames at once.
+pub const DEFAULT_FRAME_BUDGET: usize = 64 << 20;
+
+/// Bytes held by partly received frames across every connection of the process, and who holds
+/// them. The limit is at least twice the largest frame any node of the process accepts, so one
+/// frame of that size always fits.
+pub struct FrameBudget {
+    limit: AtomicUsize,
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    held: usize,
+    next_id: u64,
+    holders: HashMap<u64, Holder>,
+}
+
+struct Holder {
+    held: usize,
+    /// When its frame's length arrived.
+    started: Instant,
+    evicted: Arc<Eviction>,
+}
+
+/// Set, and notified, when a holder must give its bytes back.
+#[derive(Default)]
+struct Eviction {
+    done: AtomicBool,
+    notify: Notify,
+}
+
+impl FrameBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(FrameBudget {
+            limit: AtomicUsize::new(limit),
+            state: Mutex::new(BudgetState::default()),
+        })
+    }
+
+    /// The budget every TCP connection of this process shares.
+    pub fn process() -> &'static Arc<FrameBudget> {
+        static BUDGET: OnceLock<Arc<FrameBudget>> = OnceLock::new();
+        BUDGET.get_or_init(|| FrameBudget::new(DEFAULT_FRAME_BUDGET))
+    }
+
+    fn raise_to(&self, limit: usize) {
+        self.limit.fetch_max(limit, Relaxed);
+    }
+
+    fn state(&self) -> MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes held right now.
+    pub fn held(&self) -> usize {
+        self.state().held
+    }
+
+    /// Registers a frame that starts arriving now; it holds nothing yet.
+    fn claim(self: &Arc<Self>) -> Claim {
+        let evicted = Arc::new(Eviction::default());
+        let mut state = self.state();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.holders.insert(
+            id,
+            Holder {
+                held: 0,
+                started: Instant::now(),
+                evicted: evicted.clone(),
+            },
+        );
+        Claim {
+            budget: self.clone(),
+            id,
+            evicted,
+        }
+    }
+}
+
+/// One frame's share of the [`FrameBudget`]; dropping it gives the bytes back.
+struct Claim {
+    budget: Arc<FrameBudget>,
+    id: u64,
+    /// Shared with the budget's record of this claim, which sets it to evict us.
+    evicted: Arc<Eviction>,
+}
+
+impl Claim {
+    /// Takes `bytes` more. Over the limit, frames that started earlier than any other are
+    /// evicted until the rest fits; false when that is this one.
+    fn grow(&self, bytes: usize) -> bool {
+        let limit = self.budget.limit.load(Relaxed);
+        let mut state = self.budget.state();
+        let Some(holder) = state.holders.get_mut(&self.id) else {
+            return false;
+        };
+        holder.held += bytes;
+        state.held += bytes;
+        while state.held > limit {
+            let oldest = state
+                .holders
+                .iter()
+                .min_by_key(|(_, h)| (h.started, std::cmp::Reverse(h.held)))
+                .map(|(&id, _)| id);
+            let Some(victim) = oldest.and_then(|id| state.holders.remove(&id)) else {
+                break;
+            };
+            state.held -= victim.held;
+            victim.evicted.done.store(true, Relaxed);
+            victim.evicted.notify.notify_one();
+            if Arc::ptr_eq(&victim.evicted, &self.evicted) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Resolves once this claim has been evicted.
+    async fn evicted(&self) {
+        while !self.evicted.done.load(Relaxed) {
+            self.evicted.notify.notified().await;
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut state = self.budget.state();
+        if let Some(holder) = state.holders.remove(&self.id) {
+            state.held -= holder.held;
+        }
+    }
+}
+
+fn eviction_error() -> io::Error {
+    io::Error::new(io::ErrorKind::OutOfMemory, "frame budget exhausted")
+}
+
+/// Reads one length-prefixed frame: `None` on a clean close before its first byte. The length
+/// is checked against `max_frame_bytes` before the body is read, and the body's buffer grows as
+/// bytes arrive, within `budget` (see [`FrameBudget`]). The caller bounds the whole frame's
+/// time.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max_frame_bytes: usize,
+    budget: &Arc<FrameBudget>,
+) -> Option<io::Result<Bytes>> {
+    let mut prefix = [0u8; 4];
+    let mut got = 0;
+    while got < prefix.len() {
+        match reader.read(&mut prefix[got..]).await {
+            Ok(0) if got == 0 => return None,
+            Ok(0) => return Some(Err(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(error) => return Some(Err(error)),
+        }
+    }
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > max_frame_bytes {
+        return Some(Err(io::ErrorKind::InvalidData.into()));
+    }
+    let claim = budget.claim();
+    let mut body: Vec<u8> = Vec::new();
+    while body.len() < len {
+        if body.len() == body.capacity() {
+            let target = len.min((body.capacity() * 2).max(FIRST_CHUNK));
+            let before = body.capacity();
+            body.reserve_exact(target - body.len());
+            if !claim.grow(body.capacity() - before) {
+                return Some(Err(eviction_error()));
+            }
+        }
+        let remaining = len - body.len();
+        let mut room = (&mut body).limit(remaining);
+        let read = tokio::select! {
+            read = reader.read_buf(&mut room) => read,
+            _ = claim.evicted() => return Some(Err(eviction_error())),
+        };
+        match read {
+            Ok(0) => return Some(Err(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {}
+            Err(error) => return Some(Err(error)),
+        }
+    }
+    Some(Ok(Bytes::from(body)))
 }
 
 /// TCP with a 4-byte big-endian length before every frame.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Tcp {
     max_frame_bytes: usize,
+    budget: Arc<FrameBudget>,
 }
 
 impl Tcp {
+    /// A transport whose connections share the process's [`FrameBudget`], raised if needed so
+    /// that it holds two frames of `max_frame_bytes`.
     pub fn new(max_frame_bytes: usize) -> Self {
-        Tcp { max_frame_bytes }
+        let budget = FrameBudget::process().clone();
+        budget.raise_to(max_frame_bytes.saturating_mul(2));
+        Tcp {
+            max_frame_bytes,
+            budget,
+        }
     }
 
-    fn framed(&self, stream: TcpStream) -> TcpConnection {
+    fn connection(&self, stream: TcpStream) -> io::Result<TcpConnection> {
         // Gossip frames are small and latency matters more than coalescing.
         let _ = stream.set_nodelay(true);
-        TcpConnection(Framed::new(stream, wire::codec(self.max_frame_bytes)))
+        Ok(TcpConnection {
+            remote: stream.peer_addr()?.ip(),
+            stream,
+            max_frame_bytes: self.max_frame_bytes,
+            budget: self.budget.clone(),
+        })
     }
 }
 
-pub struct TcpConnection(Framed<TcpStream, LengthDelimitedCodec>);
+pub struct TcpConnection {
+    stream: TcpStream,
+    remote: IpAddr,
+    max_frame_bytes: usize,
+    budget: Arc<FrameBudget>,
+}
 
 pub struct TcpTransportListener {
     listener: TcpListener,
@@ -112,7 +333,7 @@ impl Transport for Tcp {
     }
 
     async fn connect(&self, address: SocketAddr) -> io::Result<TcpConnection> {
-        Ok(self.framed(TcpStream::connect(address).await?))
+        self.connection(TcpStream::connect(address).await?)
     }
 
     async fn resolve(&self, host_port: &str) -> io::Result<Vec<SocketAddr>> {
@@ -145,17 +366,38 @@ impl Listener for TcpTransportListener {
 
     async fn accept(&mut self) -> io::Result<TcpConnection> {
         let (stream, _) = self.listener.accept().await?;
-        Ok(self.tcp.framed(stream))
+        self.tcp.connection(stream)
     }
 }
 
+/// Frames up to this size go out in one write with their length.
+const SINGLE_WRITE: usize = 64 << 10;
+
 impl Connection for TcpConnection {
     async fn send(&mut self, frame: Bytes) -> io::Result<()> {
-        self.0.send(frame).await
+        if frame.len() > self.max_frame_bytes {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let prefix = (frame.len() as u32).to_be_bytes();
+        if frame.len() <= SINGLE_WRITE {
+            let mut out = Vec::with_capacity(4 + frame.len());
+            out.extend_from_slice(&prefix);
+            out.extend_from_slice(&frame);
+            self.stream.write_all(&out).await
+        } else {
+            self.stream.write_all(&prefix).await?;
+            self.stream.write_all(&frame).await
+        }
     }
 
     async fn recv(&mut self) -> Option<io::Result<BytesMut>> {
-        self.0.next().await
+        let frame = read_frame(&mut self.stream, self.max_frame_bytes, &self.budget).await?;
+        // The body was read into a buffer of its own: this takes it over, without a copy.
+        Some(frame.map(BytesMut::from))
+    }
+
+    fn remote_ip(&self) -> IpAddr {
+        self.remote
     }
 }
 
@@ -459,5 +701,102 @@ impl Connection for MemConnection {
             .recv()
             .await
             .map(|frame| Ok(BytesMut::from(&frame[..])))
+    }
+
+    fn remote_ip(&self) -> IpAddr {
+        self.remote
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
+
+    fn prefix(len: usize) -> [u8; 4] {
+        (len as u32).to_be_bytes()
+    }
+
+    /// A reader of frames up to 1 MiB whose sender has written `bytes` so far.
+    async fn sender_of(bytes: &[u8]) -> (DuplexStream, DuplexStream) {
+        let (mut writer, reader) = duplex(2 << 20);
+        writer.write_all(bytes).await.unwrap();
+        (writer, reader)
+    }
+
+    #[tokio::test]
+    async fn frames_arrive_whole_and_bad_lengths_are_refused_before_the_body() {
+        let budget = FrameBudget::new(1 << 20);
+        let mut bytes = prefix(5).to_vec();
+        bytes.extend_from_slice(b"hello");
+        bytes.extend_from_slice(&prefix(0));
+        let (writer, mut reader) = sender_of(&bytes).await;
+        drop(writer);
+        let frame = read_frame(&mut reader, 16, &budget).await.unwrap().unwrap();
+        assert_eq!(&frame[..], b"hello");
+        assert!(read_frame(&mut reader, 16, &budget)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_empty());
+        assert!(
+            read_frame(&mut reader, 16, &budget).await.is_none(),
+            "a clean close"
+        );
+
+        let (_writer, mut reader) = sender_of(&prefix(17)).await;
+        let refused = read_frame(&mut reader, 16, &budget)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::InvalidData);
+
+        let (writer, mut reader) = sender_of(&[0, 0, 0, 9, 1, 2]).await;
+        drop(writer);
+        let cut = read_frame(&mut reader, 16, &budget)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(cut.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partial_frames_stay_within_the_budget_and_the_oldest_make_room() {
+        let budget = FrameBudget::new(1 << 20);
+        let frame_len = 900 << 10;
+        // Ten senders each announce a 900 KiB frame, send 300 KiB of it and stall.
+        let mut stalled = Vec::new();
+        for _ in 0..10 {
+            let mut bytes = prefix(frame_len).to_vec();
+            bytes.resize(4 + (300 << 10), 7);
+            let (writer, mut reader) = sender_of(&bytes).await;
+            let shared = budget.clone();
+            let reading =
+                tokio::spawn(async move { read_frame(&mut reader, 1 << 20, &shared).await });
+            stalled.push((writer, reading));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert!(budget.held() <= 1 << 20, "{} bytes held", budget.held());
+        }
+        // Only the newest few still hold bytes; the oldest were dropped to make room.
+        let mut evicted = 0;
+        for (_, reading) in stalled.iter_mut().take(7) {
+            let result = reading.await.unwrap().unwrap();
+            assert_eq!(result.unwrap_err().kind(), io::ErrorKind::OutOfMemory);
+            evicted += 1;
+        }
+        assert_eq!(evicted, 7);
+        // A frame that arrives at once is read in full, at the expense of a stalled one.
+        let mut bytes = prefix(frame_len).to_vec();
+        bytes.resize(4 + frame_len, 1);
+        let (_writer, mut reader) = sender_of(&bytes).await;
+        let whole = read_frame(&mut reader, 1 << 20, &budget)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(whole.len(), frame_len);
+        drop(stalled);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(budget.held(), 0, "every byte given back");
     }
 }

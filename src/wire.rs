@@ -8,10 +8,9 @@
 //! opens to these same bytes. `docs/protocol.md` describes the same format for people writing
 //! a compatible peer.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{de::IgnoredAny, Deserialize, Serialize};
 use std::net::SocketAddr;
-use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped on any incompatible change; frames of another version are dropped and counted.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -29,6 +28,9 @@ pub struct Limits {
     pub max_value_bytes: usize,
     /// Digest entries, deltas or requests in one message.
     pub max_peers_per_message: usize,
+    /// Keys in one message (across its deltas): a frame of tiny keys would otherwise decode
+    /// into many times its size before any of them could be refused.
+    pub max_keys_per_message: usize,
 }
 
 impl Default for Limits {
@@ -38,17 +40,31 @@ impl Default for Limits {
             max_key_bytes: 1024,
             max_value_bytes: 256 << 10,
             max_peers_per_message: 8192,
+            max_keys_per_message: 16384,
         }
     }
 }
 
-/// Length-prefixed framing shared by both directions of every connection.
-pub fn codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_length(4)
-        .max_frame_length(max_frame_bytes)
-        .new_codec()
+/// The longest canonical node name: an IPv6 address with a scope id, and a port.
+pub const LONGEST_NAME: &str = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535";
+
+/// Upper bounds on encoded sizes, so that a sender can fill a frame without overfilling it.
+/// A name of `len` bytes: its string header and its bytes.
+pub const fn name_bytes(name: &str) -> usize {
+    name.len() + 2
 }
+
+/// A DigestEntry less its name: array header and four counters (the horizon included).
+pub const DIGEST_ENTRY_BYTES: usize = 1 + 4 * 9;
+/// A NodeDelta less its name and keys: array header, five counters (the horizon included),
+/// `left`, the list header.
+pub const DELTA_HEADER_BYTES: usize = 1 + 5 * 9 + 1 + 5;
+/// A KeyValue less its key and value bytes: array header, string and bin headers, version.
+pub const KEY_VALUE_BYTES: usize = 1 + 5 + 9 + 5;
+/// A Request less its name: array header and three counters (the horizon included).
+pub const REQUEST_BYTES: usize = 1 + 3 * 9;
+/// One `heartbeat, max_version` or `index, heartbeat` pair.
+pub const PAIR_BYTES: usize = 2 * 9;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
@@ -101,6 +117,7 @@ pub struct NodeDelta {
     pub to_version: u64,
     /// The node announced a graceful stop for this generation.
     pub left: bool,
+    #[serde(deserialize_with = "bounded_key_values")]
     pub kvs: Vec<KeyValue>,
     /// The owner's collection horizon, as far as the sender knows: every tombstone at or below
     /// it has been forgotten. A trailing field, left out when 0.
@@ -133,6 +150,14 @@ pub enum Message {
     /// membership whose hash is `membership_hash`.
     CompactSyn {
         membership_hash: u64,
+        versions: Vec<u64>,
+    },
+    /// A CompactSyn for a membership too large for one message: `versions` holds the sender's
+    /// own pair, then pairs for the members from position `offset` on. Successive rounds move
+    /// the window, so every member is covered within a few rounds.
+    CompactSynRange {
+        membership_hash: u64,
+        offset: u64,
         versions: Vec<u64>,
     },
     /// Responder → initiator, when its membership hash differs: send the named digest.
@@ -174,6 +199,7 @@ impl Message {
             Message::CompactSyn { .. } => 5,
             Message::NeedDigest => 6,
             Message::Suspect { .. } => 7,
+            Message::CompactSynRange { .. } => 8,
         }
     }
 }
@@ -214,10 +240,29 @@ pub enum Rejection {
     /// Sealed, fresh, but seen before, addressed to another node, or not answering the frame
     /// we last sent on its connection.
     Replayed,
+    /// A node name refused because the peer table (`max_peers`) or the table of names heard of
+    /// second-hand is full.
+    TooManyPeers,
+    /// Keys refused: they would take their node past `max_keys_per_peer`, or one message past
+    /// `max_keys_per_message`.
+    TooManyKeys,
+    /// Keys of one node refused: they would exceed `max_bytes_per_peer`.
+    TooManyBytes,
+    /// A connection dropped because partly received frames, across the process, held more
+    /// than their budget, and its frame was the oldest.
+    FrameBudget,
+    /// A frame that did not arrive in full within `idle_timeout`.
+    TimedOut,
+    /// A connection closed because its source address had the most connections that have not
+    /// yet sent a frame.
+    SourceLimit,
+    /// A connection refused or closed for want of an inbound slot (`max_inbound_connections`,
+    /// or the share of it that nodes other than live peers may hold).
+    InboundFull,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 15] = [
+    pub const ALL: [Rejection; 22] = [
         Rejection::Malformed,
         Rejection::Oversized,
         Rejection::WrongVersion,
@@ -233,6 +278,13 @@ impl Rejection {
         Rejection::Forged,
         Rejection::Stale,
         Rejection::Replayed,
+        Rejection::TooManyPeers,
+        Rejection::TooManyKeys,
+        Rejection::TooManyBytes,
+        Rejection::FrameBudget,
+        Rejection::TimedOut,
+        Rejection::SourceLimit,
+        Rejection::InboundFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -252,6 +304,13 @@ impl Rejection {
             Rejection::Forged => "forged",
             Rejection::Stale => "stale",
             Rejection::Replayed => "replayed",
+            Rejection::TooManyPeers => "tooManyPeers",
+            Rejection::TooManyKeys => "tooManyKeys",
+            Rejection::TooManyBytes => "tooManyBytes",
+            Rejection::FrameBudget => "frameBudget",
+            Rejection::TimedOut => "timedOut",
+            Rejection::SourceLimit => "sourceLimit",
+            Rejection::InboundFull => "inboundFull",
         }
     }
 }
@@ -266,7 +325,9 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
     // Sized for the common large messages, so encoding rarely reallocates.
     let estimate = match message {
         Message::Syn { digest } => digest.len() * 32,
-        Message::CompactSyn { versions, .. } => versions.len() * 5,
+        Message::CompactSyn { versions, .. } | Message::CompactSynRange { versions, .. } => {
+            versions.len() * 5
+        }
         _ => 0,
     };
     let mut out = Vec::with_capacity(128 + estimate);
@@ -283,6 +344,11 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
             membership_hash,
             versions,
         } => rmp_serde::encode::write(&mut out, &(membership_hash, versions)),
+        Message::CompactSynRange {
+            membership_hash,
+            offset,
+            versions,
+        } => rmp_serde::encode::write(&mut out, &(membership_hash, offset, versions)),
         Message::NeedDigest => rmp_serde::encode::write(&mut out, &()),
         Message::Suspect {
             name,
@@ -301,11 +367,11 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
 
 /// Decodes and checks one frame body. Returns the sender's name with the message.
 pub fn decode(
-    frame: &BytesMut,
+    frame: &[u8],
     cluster: &str,
     limits: &Limits,
 ) -> Result<(String, Message), Rejection> {
-    let mut de = rmp_serde::Deserializer::new(&frame[..]);
+    let mut de = rmp_serde::Deserializer::new(frame);
     let header = Header::deserialize(&mut de).map_err(|_| Rejection::Malformed)?;
     if header.version != PROTOCOL_VERSION {
         return Err(Rejection::WrongVersion);
@@ -314,50 +380,10 @@ pub fn decode(
         return Err(Rejection::WrongCluster);
     }
     check_name(&header.from)?;
-    let message = match header.kind {
-        1 => {
-            let (digest,): (Vec<DigestEntry>,) = read(&mut de)?;
-            Message::Syn { digest }
-        }
-        2 => {
-            let (deltas, requests, heartbeats): (Vec<NodeDelta>, Vec<Request>, Vec<u64>) =
-                read(&mut de)?;
-            Message::SynAck {
-                deltas,
-                requests,
-                heartbeats,
-            }
-        }
-        3 => Message::Ack {
-            deltas: read::<(Vec<NodeDelta>,)>(&mut de)?.0,
-        },
-        4 => {
-            let (deltas, forward_to): (Vec<NodeDelta>, Vec<String>) = read(&mut de)?;
-            Message::Push { deltas, forward_to }
-        }
-        5 => {
-            let (membership_hash, versions): (u64, Vec<u64>) = read(&mut de)?;
-            Message::CompactSyn {
-                membership_hash,
-                versions,
-            }
-        }
-        6 => {
-            let () = read(&mut de)?;
-            Message::NeedDigest
-        }
-        7 => {
-            let (name, generation, heartbeat, forward_to): (String, u64, u64, Vec<String>) =
-                read(&mut de)?;
-            Message::Suspect {
-                name,
-                generation,
-                heartbeat,
-                forward_to,
-            }
-        }
-        _ => return Err(Rejection::UnknownKind),
-    };
+    KEYS_LEFT.set(Some(limits.max_keys_per_message));
+    let message = decode_payload(header.kind, &mut de);
+    KEYS_LEFT.set(Some(usize::MAX));
+    let message = message?;
     if !de.get_ref().is_empty() {
         return Err(Rejection::Malformed);
     }
@@ -365,11 +391,112 @@ pub fn decode(
     Ok((header.from, message))
 }
 
+fn decode_payload(kind: u8, de: &mut SliceDecoder<'_>) -> Result<Message, Rejection> {
+    let message = match kind {
+        1 => {
+            let (digest,): (Vec<DigestEntry>,) = read(de)?;
+            Message::Syn { digest }
+        }
+        2 => {
+            let (deltas, requests, heartbeats): (Vec<NodeDelta>, Vec<Request>, Vec<u64>) =
+                read(de)?;
+            Message::SynAck {
+                deltas,
+                requests,
+                heartbeats,
+            }
+        }
+        3 => Message::Ack {
+            deltas: read::<(Vec<NodeDelta>,)>(de)?.0,
+        },
+        4 => {
+            let (deltas, forward_to): (Vec<NodeDelta>, Vec<String>) = read(de)?;
+            Message::Push { deltas, forward_to }
+        }
+        5 => {
+            let (membership_hash, versions): (u64, Vec<u64>) = read(de)?;
+            Message::CompactSyn {
+                membership_hash,
+                versions,
+            }
+        }
+        6 => {
+            let () = read(de)?;
+            Message::NeedDigest
+        }
+        7 => {
+            let (name, generation, heartbeat, forward_to): (String, u64, u64, Vec<String>) =
+                read(de)?;
+            Message::Suspect {
+                name,
+                generation,
+                heartbeat,
+                forward_to,
+            }
+        }
+        8 => {
+            let (membership_hash, offset, versions): (u64, u64, Vec<u64>) = read(de)?;
+            Message::CompactSynRange {
+                membership_hash,
+                offset,
+                versions,
+            }
+        }
+        _ => return Err(Rejection::UnknownKind),
+    };
+    Ok(message)
+}
+
 /// The decoder reads from a shrinking slice, so what is left afterwards shows trailing bytes.
 type SliceDecoder<'a> = rmp_serde::Deserializer<rmp_serde::decode::ReadReader<&'a [u8]>>;
 
 fn read<T: serde::de::DeserializeOwned>(de: &mut SliceDecoder<'_>) -> Result<T, Rejection> {
-    T::deserialize(de).map_err(|_| Rejection::Malformed)
+    T::deserialize(de).map_err(|_| match KEYS_LEFT.get() {
+        None => Rejection::TooManyKeys,
+        Some(_) => Rejection::Malformed,
+    })
+}
+
+thread_local! {
+    /// Keys the message being decoded on this thread may still carry (None once it carried
+    /// more): `decode` sets it, and every key-value list draws on it (see
+    /// `bounded_key_values`). Decoding is synchronous, so nothing else decodes on this thread
+    /// meanwhile. Unbounded outside `decode`.
+    static KEYS_LEFT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(Some(usize::MAX)) };
+}
+
+/// Reads a delta's key-value list, failing as soon as the message exceeds its key budget:
+/// nothing past the budget is ever allocated.
+fn bounded_key_values<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<KeyValue>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<KeyValue>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of key-values")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut kvs = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+            loop {
+                let Some(left) = KEYS_LEFT.get() else {
+                    return Err(serde::de::Error::custom("too many keys"));
+                };
+                let Some(kv) = seq.next_element::<KeyValue>()? else {
+                    return Ok(kvs);
+                };
+                KEYS_LEFT.set(left.checked_sub(1));
+                if left == 0 {
+                    return Err(serde::de::Error::custom("too many keys"));
+                }
+                kvs.push(kv);
+            }
+        }
+    }
+    de.deserialize_seq(Bounded)
 }
 
 /// A node name is the canonical text of a socket address, so that one node has one name.
@@ -477,6 +604,16 @@ fn check_message(message: &Message, limits: &Limits) -> Result<(), Rejection> {
             Ok(())
         }
         Message::CompactSyn { versions, .. } => check_pairs(versions, limits),
+        Message::CompactSynRange {
+            offset, versions, ..
+        } => {
+            // The sender's own pair comes first, so at least one pair.
+            if versions.is_empty() {
+                return Err(Rejection::OutOfBounds);
+            }
+            check_counter(*offset)?;
+            check_pairs(versions, limits)
+        }
         Message::NeedDigest => Ok(()),
         Message::SynAck {
             deltas,
@@ -524,9 +661,8 @@ fn check_forward_to(forward_to: &[String], limits: &Limits) -> Result<(), Reject
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_util::codec::{Decoder, Encoder};
 
-    const GOLDEN: [&str; 7] = [
+    const GOLDEN: [&str; 8] = [
         "9401a163ad31302e302e302e313a3930303001919194ad31302e302e302e313a39303030010203",
         "9401a163ad31302e302e302e313a3930303002939197ad31302e302e302e323a3930303107030002c29193a1\
          6b02c402a1769193ad31302e302e302e313a3930303001009200cd012c",
@@ -536,6 +672,7 @@ mod tests {
         "9401a163ad31302e302e302e313a393030300592cffffffffffffffffe940c00ce0001117003",
         "9401a163ad31302e302e302e313a3930303006c0",
         "9401a163ad31302e302e302e313a393030300794ad31302e302e302e323a39303031070390",
+        "9401a163ad31302e302e302e313a39303030089305cd012c9409010c00",
     ];
 
     /// The same for what deletion added: a tombstone (an empty value) and the trailing horizon
@@ -550,8 +687,8 @@ mod tests {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn frame(bytes: &[u8]) -> BytesMut {
-        BytesMut::from(bytes)
+    fn frame(bytes: &[u8]) -> Vec<u8> {
+        bytes.to_vec()
     }
 
     fn delta() -> NodeDelta {
@@ -609,6 +746,11 @@ mod tests {
                 generation: 7,
                 heartbeat: 3,
                 forward_to: vec![],
+            },
+            Message::CompactSynRange {
+                membership_hash: 5,
+                offset: 300,
+                versions: vec![9, 1, 12, 0],
             },
         ]
     }
@@ -872,8 +1014,115 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_with_more_keys_than_allowed_stops_decoding_there() {
+        let limits = Limits {
+            max_keys_per_message: 5,
+            ..Limits::default()
+        };
+        let with_keys = |counts: &[u64]| {
+            let deltas = counts
+                .iter()
+                .map(|&count| NodeDelta {
+                    to_version: count,
+                    kvs: (1..=count)
+                        .map(|v| KeyValue {
+                            key: format!("k{v}"),
+                            version: v,
+                            value: Bytes::from_static(&[1]),
+                        })
+                        .collect(),
+                    ..delta()
+                })
+                .collect();
+            let push = Message::Push {
+                deltas,
+                forward_to: vec![],
+            };
+            decode(&encode("c", "10.0.0.1:9000", &push), "c", &limits).map(|_| ())
+        };
+        assert_eq!(with_keys(&[5]), Ok(()));
+        assert_eq!(with_keys(&[2, 3]), Ok(()));
+        assert_eq!(with_keys(&[6]), Err(Rejection::TooManyKeys));
+        assert_eq!(with_keys(&[3, 3]), Err(Rejection::TooManyKeys));
+        // The budget is the message's, not the thread's: the next frame starts afresh.
+        assert_eq!(with_keys(&[5]), Ok(()));
+    }
+
+    /// The size bounds senders fill frames by are upper bounds of the real encodings.
+    #[test]
+    fn encoded_sizes_stay_within_their_bounds() {
+        let max = MAX_COUNTER;
+        let name = LONGEST_NAME.to_string();
+        assert_eq!(check_name(&name), Ok(()));
+        let list_of = |item: &dyn Fn() -> Message, empty: Message| {
+            let one = encode("c", "10.0.0.1:9000", &item()).len();
+            one - encode("c", "10.0.0.1:9000", &empty).len()
+        };
+        let digest = || Message::Syn {
+            digest: vec![DigestEntry {
+                name: name.clone(),
+                generation: max,
+                heartbeat: max,
+                max_version: max,
+                horizon: max,
+            }],
+        };
+        let entry = list_of(&digest, Message::Syn { digest: vec![] });
+        assert!(entry <= DIGEST_ENTRY_BYTES + name_bytes(&name), "{entry}");
+
+        let key = "k".repeat(70000);
+        let value = Bytes::from(vec![0xc0; 70000]);
+        let delta = |kvs: Vec<KeyValue>| NodeDelta {
+            name: name.clone(),
+            generation: max,
+            heartbeat: max,
+            from_version: max - 1,
+            to_version: max,
+            left: true,
+            kvs,
+            horizon: max,
+        };
+        let ack = |kvs: Vec<KeyValue>| Message::Ack {
+            deltas: vec![delta(kvs)],
+        };
+        let header = list_of(&|| ack(vec![]), Message::Ack { deltas: vec![] });
+        assert!(header <= DELTA_HEADER_BYTES + name_bytes(&name), "{header}");
+        let kv = KeyValue {
+            key: key.clone(),
+            version: max,
+            value: value.clone(),
+        };
+        let with_kv = list_of(&|| ack(vec![kv.clone()]), ack(vec![]));
+        assert!(
+            with_kv <= KEY_VALUE_BYTES + key.len() + value.len(),
+            "{with_kv}"
+        );
+
+        let request = || Message::SynAck {
+            deltas: vec![],
+            requests: vec![Request {
+                name: name.clone(),
+                generation: max,
+                from_version: max,
+                horizon: max,
+            }],
+            heartbeats: vec![max, max],
+        };
+        let empty = Message::SynAck {
+            deltas: vec![],
+            requests: vec![],
+            heartbeats: vec![],
+        };
+        let request_and_pair = list_of(&request, empty);
+        assert!(
+            request_and_pair <= REQUEST_BYTES + name_bytes(&name) + PAIR_BYTES,
+            "{request_and_pair}"
+        );
+    }
+
+    #[test]
     fn names_must_be_canonical_socket_addresses() {
-        for good in ["127.0.0.1:9000", "[::1]:9000", "[fe80::1]:1"] {
+        for good in ["127.0.0.1:9000", "[::1]:9000", "[fe80::1]:1", LONGEST_NAME] {
             assert_eq!(check_name(good), Ok(()), "{good}");
         }
         for bad in [
@@ -888,20 +1137,5 @@ mod tests {
         ] {
             assert_eq!(check_name(bad), Err(Rejection::BadName), "{bad}");
         }
-    }
-
-    #[test]
-    fn codec_rejects_oversized_frames() {
-        let mut codec = codec(16);
-        let mut buf = BytesMut::new();
-        codec.encode(Bytes::from_static(&[0; 8]), &mut buf).unwrap();
-        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().len(), 8);
-
-        let mut big = BytesMut::from(&[0, 0, 0, 17][..]);
-        big.extend_from_slice(&[0; 17]);
-        assert!(codec.decode(&mut big).is_err());
-        assert!(codec
-            .encode(Bytes::from_static(&[0; 17]), &mut BytesMut::new())
-            .is_err());
     }
 }

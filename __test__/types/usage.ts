@@ -31,6 +31,9 @@ const options: GossiperOptions = {
   keys: [Buffer.alloc(32), 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=', new Uint8Array(32)],
   acceptPlaintext: false,
   maxClockSkew: 60_000,
+  maxPeers: 5000,
+  maxKeysPerPeer: 1000,
+  maxBytesPerPeer: 1 << 20,
 }
 const configured = new Gossiper(options)
 const frozenSeeds = ['127.0.0.1:9000'] as const
@@ -140,6 +143,7 @@ const stats: GossiperStats = seed.stats()
 const traffic: number = stats.messagesSent + stats.messagesReceived + stats.bytesSent + stats.bytesReceived
 const work: number = stats.exchanges + stats.pushesSent + stats.connectFailures + stats.connectionsRefused
 const dropped: number = stats.rejected.malformed + stats.rejected.wrongCluster + stats.rejected.oversized
+const refused: number = stats.rejected.tooManyPeers + stats.rejected.frameBudget + stats.rejected.inboundFull + stats.connectsSkipped
 // @ts-expect-error not a rejection reason
 console.log(stats.rejected.nonsense)
 const refusedByKeys: number = stats.plaintextAccepted + stats.rejected.plaintext + stats.rejected.unknownKey +
