@@ -142,8 +142,9 @@ export interface GossiperOptions {
    */
   maxPeers?: number
   /**
-   * Most keys held for one node, this one included (a write past it throws a RangeError), and
-   * carried by one message. Default 16384.
+   * Most keys held for one node, this one included, deletions counted until they are collected
+   * (`tombstoneTtl`): a write past it throws a RangeError. Also the most keys one message
+   * carries. Default 65536.
    */
   maxKeysPerPeer?: number
   /** Most bytes of keys and values held for one node, this one included. Default 16777216 (16 MiB). */

@@ -276,8 +276,8 @@ async function runThroughput(job, emit) {
   const sampleRss = () => { peak = Math.max(peak, process.memoryUsage().rss) }
   const sampler = setInterval(sampleRss, 100)
 
-  // More keys than the default maxKeysPerPeer (16384): both sides must hold them all.
-  const perPeer = { maxKeysPerPeer: Math.max(keys, 16384) }
+  // More keys than the default maxKeysPerPeer (65536): both sides must hold them all.
+  const perPeer = { maxKeysPerPeer: Math.max(keys, 65536) }
   const a = new Gossiper({ ...EXTRA, ...perPeer, port: 0, address: HOST, gossipInterval: interval })
   await a.start()
   const b = new Gossiper({ ...EXTRA, ...perPeer, port: 0, address: HOST, seeds: [a.peer_name], gossipInterval: interval })
@@ -342,7 +342,9 @@ async function runChurn(job, emit) {
   const base = { n: 2, interval }
   let peak = process.memoryUsage().rss
   const sampleRss = () => { peak = Math.max(peak, process.memoryUsage().rss) }
-  const options = { ...EXTRA, port: 0, address: HOST, gossipInterval: interval, tombstoneTtl: CHURN_TOMBSTONE_TTL }
+  // Deletions count against maxKeysPerPeer until collected: a second of churn holds far more than
+  // the default allows.
+  const options = { ...EXTRA, port: 0, address: HOST, gossipInterval: interval, tombstoneTtl: CHURN_TOMBSTONE_TTL, maxKeysPerPeer: 2 ** 22 }
   const a = new Gossiper(options)
   await a.start()
   const b = new Gossiper({ ...options, seeds: [a.peer_name] })

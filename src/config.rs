@@ -53,7 +53,7 @@ pub const NUMERIC_OPTIONS: &[NumericOption] = &[
     option("maxInboundConnections", 1024.0, 1.0, (1 << 20) as f64, true),
     option("maxClockSkew", 60e3, 1000.0, 365.0 * DAY_MS, true),
     option("maxPeers", 10000.0, 1.0, (1 << 20) as f64, true),
-    option("maxKeysPerPeer", 16384.0, 1.0, I32_MAX, true),
+    option("maxKeysPerPeer", 65536.0, 1.0, I32_MAX, true),
     option("maxBytesPerPeer", (16 << 20) as f64, 1024.0, 1e15, true),
 ];
 

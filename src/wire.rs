@@ -40,7 +40,7 @@ impl Default for Limits {
             max_key_bytes: 1024,
             max_value_bytes: 256 << 10,
             max_peers_per_message: 8192,
-            max_keys_per_message: 16384,
+            max_keys_per_message: 65536,
         }
     }
 }
