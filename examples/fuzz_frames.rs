@@ -75,6 +75,11 @@ fn messages() -> Vec<Message> {
             membership_hash: 0x1234_5678_9abc_def0,
             versions: vec![12, 3, 900, 0, 70_000, 2, 1, 1],
         },
+        Message::CompactSynRange {
+            membership_hash: 0x0fed_cba9_8765_4321,
+            offset: 4096,
+            versions: vec![7, 1, 8, 0, 9, 2],
+        },
         Message::NeedDigest,
         Message::SynAck {
             deltas: vec![delta(1), delta(2)],
