@@ -11,7 +11,7 @@
 
 use crate::node::Shared;
 use crate::peers::Membership;
-use crate::protocol::{unix_ms, Cluster, Suspicion, SynReply, Target};
+use crate::protocol::{unix_ms, Cluster, Sent, Suspicion, SynReply, Target};
 use crate::seal::{self, Key, Stamp};
 use crate::transport::{Connection, Transport};
 use crate::wire::{self, Message, Rejection};
@@ -345,9 +345,8 @@ pub(crate) async fn exchange<T: Transport>(
         return;
     };
     let (membership, versions) = compact.unzip();
-    let mut positions = membership.as_deref();
     let mut response = None;
-    if let (Some(membership), Some(versions)) = (positions, versions) {
+    if let (Some(membership), Some(versions)) = (membership.as_deref(), versions) {
         let message = Message::CompactSyn {
             membership_hash: membership.hash,
             versions,
@@ -357,17 +356,25 @@ pub(crate) async fn exchange<T: Transport>(
         }
         response = receive(shared, &mut link).await;
     }
-    if positions.is_none() || matches!(response, Some((_, Message::NeedDigest))) {
-        let digest = shared.cluster().digest();
-        if send(shared, &mut link, &Message::Syn { digest })
-            .await
-            .is_err()
-        {
+    let mut digest = None;
+    if membership.is_none() || matches!(response, Some((_, Message::NeedDigest))) {
+        let syn = Message::Syn {
+            digest: shared.cluster().digest(),
+        };
+        if send(shared, &mut link, &syn).await.is_err() {
             return;
         }
         response = receive(shared, &mut link).await;
-        positions = None;
+        let Message::Syn { digest: sent } = syn else {
+            unreachable!("built above")
+        };
+        digest = Some(sent);
     }
+    // What the SynAck's heartbeats index into.
+    let sent = match (&digest, membership.as_deref()) {
+        (None, Some(membership)) => Sent::Compact(membership),
+        (digest, _) => Sent::Digest(digest.as_deref().unwrap_or_default()),
+    };
     let reply = match response {
         Some((
             _,
@@ -385,7 +392,7 @@ pub(crate) async fn exchange<T: Transport>(
         None => return,
     };
     let answers = absorb(shared, |cluster| {
-        cluster.handle_syn_ack(reply, positions, Instant::now())
+        cluster.handle_syn_ack(reply, sent, Instant::now())
     });
     if send(shared, &mut link, &Message::Ack { deltas: answers })
         .await

@@ -550,14 +550,15 @@ async fn shutdown<T: Transport>(shared: &Shared<T>, running: Running) {
     } = running;
     // The name lookup is bounded by the connect timeout; until it ends there is nobody to leave.
     let _ = name.wait_for(Option::is_some).await;
-    let deltas = {
+    let leaving = {
         let mut cluster = shared.cluster();
         cluster.leave();
-        cluster.take_unpushed()
+        cluster.take_push(&mut shared.rng())
     };
-    let targets = shared.cluster().broadcast_targets(&mut shared.rng());
-    let announce = exchange::push(shared, deltas, targets);
-    let _ = timeout(shared.settings.connect_timeout, announce).await;
+    if let Some((deltas, targets)) = leaving {
+        let announce = exchange::push(shared, deltas, targets);
+        let _ = timeout(shared.settings.connect_timeout, announce).await;
+    }
     cancel.cancel();
     tasks.close();
     tasks.wait().await;
@@ -620,8 +621,9 @@ async fn gossip_loop<T: Transport>(
         let late = now
             .saturating_duration_since(last_tick)
             .saturating_sub(interval);
-        // A tick a whole interval late means this process stalled: peers were not silent.
-        let stall = if late >= interval {
+        // A tick late beyond timer jitter means this process could not run (stopped, or a
+        // machine too busy to keep time): peers were not silent meanwhile.
+        let stall = if late >= interval / 10 {
             late
         } else {
             Duration::ZERO
@@ -693,14 +695,9 @@ async fn push_loop<T: Transport>(shared: Arc<Shared<T>>, cancel: CancellationTok
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(last_broadcast + PUSH_SPACING) => {}
         }
-        let (deltas, targets) = {
-            let mut cluster = shared.cluster();
-            let targets = cluster.broadcast_targets(&mut rng);
-            if targets.is_empty() {
-                // Kept until an exchange brings peers (see `exchange::absorb`).
-                continue;
-            }
-            (cluster.take_unpushed(), targets)
+        // Kept while nobody is live, until an exchange brings peers (see `exchange::absorb`).
+        let Some((deltas, targets)) = shared.cluster().take_push(&mut rng) else {
+            continue;
         };
         last_broadcast = Instant::now();
         tokio::select! {

@@ -128,6 +128,15 @@ pub struct Tally {
     pub refutations: u64,
 }
 
+/// What an initiator's Syn or CompactSyn listed, which the SynAck's `heartbeats` index into.
+#[derive(Clone, Copy, Debug)]
+pub enum Sent<'a> {
+    /// A CompactSyn, by this membership.
+    Compact(&'a Membership),
+    /// A Syn with this digest.
+    Digest(&'a [DigestEntry]),
+}
+
 /// A responder's answer to a digest: the SynAck's contents.
 #[derive(Debug, Default)]
 pub struct SynReply {
@@ -147,6 +156,18 @@ struct Entry<'a> {
     horizon: u64,
     /// Known for members of our own membership, which saves looking them up.
     slot: Option<Slot>,
+}
+
+/// Local changes waiting for the push task.
+#[derive(Clone, Copy, Debug)]
+struct Unpushed {
+    generation: u64,
+    /// The version they start after.
+    from: u64,
+    /// Only the news of a new incarnation: it goes to `push_fanout` peers, and anti-entropy
+    /// spreads it from there in O(log N) rounds. Pushing it to everyone made a cluster that
+    /// starts together cost O(N²) connections. Writes, leaves and refutations go to everyone.
+    announcement_only: bool,
 }
 
 /// Public view of one peer, for monitoring.
@@ -172,8 +193,8 @@ pub struct Cluster {
     peers: PeerTable,
     /// Peers dropped after `dead_peer_ttl`: their generation at that time, and when.
     forgotten: HashMap<String, (u64, Instant)>,
-    /// Local changes not pushed yet: the generation and the version they start after.
-    unpushed: Option<(u64, u64)>,
+    /// Local changes not pushed yet.
+    unpushed: Option<Unpushed>,
     /// Cached until a node joins, changes generation or is forgotten.
     membership: Option<Arc<Membership>>,
     /// Bumped whenever a peer leaves the table, which moves another into its slot.
@@ -252,6 +273,8 @@ impl Cluster {
         }
         let generation = unix_ms().max(claim + 1);
         self.begin_incarnation(self.name.clone(), generation, Duration::ZERO);
+        // The claim may have been pushed everywhere: so is its refutation.
+        self.mark_unpushed(0);
         self.refuted_this_round = true;
         self.tally.refutations += 1;
     }
@@ -277,8 +300,8 @@ impl Cluster {
     /// Starts a new incarnation. Live local keys are kept and re-versioned under the new
     /// generation, so peers replace the previous incarnation's state with them (deleted keys
     /// included: the new generation does not have them), and the whole local state waits to be
-    /// broadcast. Deadlines of keys written with a TTL carry over. `stopped_for` is not held
-    /// against peers we could not hear while stopped.
+    /// announced to a few peers (see [`Unpushed`]). Deadlines of keys written with a TTL carry
+    /// over. `stopped_for` is not held against peers we could not hear while stopped.
     pub fn begin_incarnation(&mut self, name: String, generation: u64, stopped_for: Duration) {
         let old = std::mem::replace(&mut self.local, NodeState::new(generation));
         for (version, (key, value)) in (1..).zip(old.into_live_entries()) {
@@ -290,7 +313,11 @@ impl Cluster {
         self.membership = None;
         self.slot_epoch += 1;
         // Announce the new incarnation, and everything it holds, as soon as anyone is known.
-        self.unpushed = Some((generation, 0));
+        self.unpushed = Some(Unpushed {
+            generation,
+            from: 0,
+            announcement_only: true,
+        });
         for peer in self.peers.iter_mut() {
             peer.detector.forgive(stopped_for);
         }
@@ -352,11 +379,18 @@ impl Cluster {
         self.mark_unpushed(from);
     }
 
+    /// Local changes after version `from` are to be pushed to every live peer.
     fn mark_unpushed(&mut self, from: u64) {
         let generation = self.local.generation;
-        if self.unpushed.is_none_or(|(g, _)| g != generation) {
-            self.unpushed = Some((generation, from));
-        }
+        let from = match self.unpushed {
+            Some(pending) if pending.generation == generation => pending.from.min(from),
+            _ => from,
+        };
+        self.unpushed = Some(Unpushed {
+            generation,
+            from,
+            announcement_only: false,
+        });
     }
 
     fn node(&self, name: &str) -> Option<&NodeState> {
@@ -553,7 +587,9 @@ impl Cluster {
     }
 
     /// Responder side of a named digest: what the initiator lacks (including nodes its digest
-    /// does not name) and what to ask of it.
+    /// does not name) and what to ask of it. Newer heartbeats of nodes with nothing else new go
+    /// back by their position in the digest, as after a CompactSyn: a membership that is
+    /// changing (a cluster forming) costs a few bytes per node, not a delta.
     pub fn handle_syn(&mut self, digest: &[DigestEntry], now: Instant) -> SynReply {
         let entries = digest.iter().map(|e| Entry {
             name: &e.name,
@@ -563,8 +599,8 @@ impl Cluster {
             horizon: e.horizon,
             slot: None,
         });
-        let mut reply = self.reconcile(entries, now, false);
-        let named: HashSet<&str> = digest.iter().map(|e| e.name.as_str()).collect();
+        let mut reply = self.reconcile(entries, now);
+        let named: HashSet<&str, FnvBuild> = digest.iter().map(|e| e.name.as_str()).collect();
         let mut budget = self.settings.delta_budget();
         for (name, node) in std::iter::once((self.name.as_str(), &self.local))
             .chain(self.peers.iter().map(|p| (&*p.name, &p.state)))
@@ -602,17 +638,16 @@ impl Cluster {
                 horizon: 0,
                 slot: Some(m.slot),
             });
-        Some(self.reconcile(entries, now, true))
+        Some(self.reconcile(entries, now))
     }
 
     /// Compares a digest with what we hold. Heartbeats newer in the digest are taken from it
-    /// directly; with `positional`, heartbeats newer here go back by membership index. Entries
-    /// from our own membership carry their slot, which saves looking them up.
+    /// directly; heartbeats newer here go back by their index in the digest. Entries from our
+    /// own membership carry their slot, which saves looking them up.
     fn reconcile<'a>(
         &mut self,
         entries: impl Iterator<Item = Entry<'a>>,
         now: Instant,
-        positional: bool,
     ) -> SynReply {
         let mut budget = self.settings.delta_budget();
         let mut reply = SynReply::default();
@@ -673,14 +708,12 @@ impl Cluster {
                     reply.requests.push(request(name, generation, 0, 0));
                 }
             } else {
-                let news =
-                    node.max_version > max_version || (node.heartbeat > heartbeat && !positional);
                 match node.delta_start(max_version, horizon) {
                     Start::Replace => reply.deltas.push(node.delta(name, 0, &mut budget)),
-                    Start::From(from) if news => {
+                    Start::From(from) if node.max_version > max_version => {
                         reply.deltas.push(node.delta(name, from, &mut budget))
                     }
-                    _ if node.heartbeat > heartbeat && positional => {
+                    _ if node.heartbeat > heartbeat => {
                         reply.heartbeats.extend([index as u64, node.heartbeat])
                     }
                     _ => {}
@@ -702,47 +735,60 @@ impl Cluster {
         reply
     }
 
-    /// Initiator side, after the SynAck: applies its deltas and heartbeats (`membership` is the
-    /// one its CompactSyn was built on, if any) and answers its requests.
-    pub fn handle_syn_ack(
-        &mut self,
-        reply: SynReply,
-        membership: Option<&Membership>,
-        now: Instant,
-    ) -> Vec<NodeDelta> {
+    /// Initiator side, after the SynAck: applies its deltas and its heartbeats, which index
+    /// into what we `sent`, and answers its requests.
+    pub fn handle_syn_ack(&mut self, reply: SynReply, sent: Sent<'_>, now: Instant) -> Vec<NodeDelta> {
         self.apply_deltas(reply.deltas, now);
-        if let Some(membership) = membership {
-            let plausible = self.plausible();
-            for pair in reply.heartbeats.chunks_exact(2) {
-                let Some(member) = membership.members.get(pair[0] as usize) else {
-                    continue;
-                };
-                if !plausible.admits(member.generation, pair[1], 0) {
-                    self.tally.implausible += 1;
-                    continue;
+        let plausible = self.plausible();
+        for pair in reply.heartbeats.chunks_exact(2) {
+            let (index, heartbeat) = (pair[0] as usize, pair[1]);
+            // The node at that index, and its slot when still valid: slots stay valid until a
+            // peer is removed; after that, the name is looked up.
+            let (name, generation, slot) = match sent {
+                Sent::Compact(membership) => {
+                    let Some(member) = membership.members.get(index) else {
+                        continue;
+                    };
+                    let slot = match member.slot {
+                        Slot::Peer(_) if membership.slot_epoch != self.slot_epoch => None,
+                        slot => Some(slot),
+                    };
+                    (&*member.name, member.generation, slot)
                 }
-                if member.slot == Slot::Local {
-                    if member.generation == self.local.generation && pair[1] > self.local.heartbeat
-                    {
-                        self.heard_claim(member.generation);
+                Sent::Digest(digest) => {
+                    let Some(entry) = digest.get(index) else {
+                        continue;
+                    };
+                    (entry.name.as_str(), entry.generation, None)
+                }
+            };
+            if !plausible.admits(generation, heartbeat, 0) {
+                self.tally.implausible += 1;
+                continue;
+            }
+            let slot = match slot {
+                Some(slot) => slot,
+                None if name == self.name => Slot::Local,
+                None => match self.peers.slot(name) {
+                    Some(i) => Slot::Peer(i),
+                    None => continue,
+                },
+            };
+            match slot {
+                Slot::Local => {
+                    if generation == self.local.generation && heartbeat > self.local.heartbeat {
+                        self.heard_claim(generation);
                     }
-                    continue;
                 }
-                // Slots stay valid until a peer is removed; after that, look the name up.
-                let slot = match member.slot {
-                    Slot::Peer(i) if membership.slot_epoch == self.slot_epoch => i,
-                    _ => match self.peers.slot(&member.name) {
-                        Some(i) => i,
-                        None => continue,
-                    },
-                };
-                let state = &self.peers.slots[slot].state;
-                if state.generation == member.generation && pair[1] > state.heartbeat {
-                    self.observe_heartbeat(slot, pair[1], now);
+                Slot::Peer(i) => {
+                    let state = &self.peers.slots[i].state;
+                    if state.generation == generation && heartbeat > state.heartbeat {
+                        self.observe_heartbeat(i, heartbeat, now);
+                    }
                 }
             }
-            self.refute();
         }
+        self.refute();
         for r in &reply.requests {
             if let Some(peer) = self.peers.get_mut(&r.name) {
                 peer.state.learn_horizon(r.generation, r.horizon);
@@ -824,8 +870,7 @@ impl Cluster {
                     NodeState::new(delta.generation),
                 ));
                 peer.state.heartbeat = delta.heartbeat;
-                peer.detector.reset();
-                peer.detector.heartbeat(now, 1, detector);
+                peer.detector.learned(now);
                 if !peer.live && !delta.left {
                     peer.live = true;
                     peer.dead_since = None;
@@ -843,7 +888,7 @@ impl Cluster {
             }
             None => {
                 let mut detector_state = PhiDetector::default();
-                detector_state.heartbeat(now, 1, detector);
+                detector_state.learned(now);
                 let mut state = NodeState::new(delta.generation);
                 state.heartbeat = delta.heartbeat;
                 sink.emit(Event::NewPeer(&delta.name));
@@ -897,13 +942,21 @@ impl Cluster {
         revive_on_heartbeat(peer, rise, now, &self.settings.detector, self.sink.as_ref());
     }
 
-    /// Local changes to push, from where they started, within one frame; the rest stays queued.
-    pub fn take_unpushed(&mut self) -> Vec<NodeDelta> {
-        let Some((generation, from)) = self.unpushed.take() else {
-            return Vec::new();
-        };
-        let from = if generation == self.local.generation {
-            from
+    /// Local changes to push, from where they started, within one frame (the rest stays
+    /// queued), and the live peers to push them to; None, keeping the changes, while nobody
+    /// is live.
+    pub fn take_push(&mut self, rng: &mut impl Rng) -> Option<(Vec<NodeDelta>, Vec<String>)> {
+        let pending = self.unpushed?;
+        let mut targets = self.broadcast_targets(rng);
+        if targets.is_empty() {
+            return None;
+        }
+        if pending.announcement_only {
+            targets.truncate(self.settings.push_fanout);
+        }
+        self.unpushed = None;
+        let from = if pending.generation == self.local.generation {
+            pending.from
         } else {
             0
         };
@@ -911,9 +964,13 @@ impl Cluster {
             .local
             .delta(&self.name, from, &mut self.settings.delta_budget());
         if delta.to_version < self.local.max_version {
-            self.unpushed = Some((self.local.generation, delta.to_version));
+            self.unpushed = Some(Unpushed {
+                generation: self.local.generation,
+                from: delta.to_version,
+                ..pending
+            });
         }
-        vec![delta]
+        Some((vec![delta], targets))
     }
 
     pub fn has_unpushed(&self) -> bool {
@@ -1082,9 +1139,13 @@ mod tests {
                 .unwrap()
                 .1
         };
-        let wire::Message::Syn { digest } =
-            roundtrip(wire::Message::Syn { digest: a.digest() }, a.name())
-        else {
+        let sent = a.digest();
+        let wire::Message::Syn { digest } = roundtrip(
+            wire::Message::Syn {
+                digest: sent.clone(),
+            },
+            a.name(),
+        ) else {
             unreachable!()
         };
         let SynReply {
@@ -1113,7 +1174,7 @@ mod tests {
                 requests,
                 heartbeats,
             },
-            None,
+            Sent::Digest(&sent),
             now,
         );
         let wire::Message::Ack { deltas } =
@@ -1129,7 +1190,7 @@ mod tests {
     fn exchange_like_a_node(a: &mut Cluster, b: &mut Cluster, now: Instant) {
         if let Some((membership, versions)) = a.compact_digest() {
             if let Some(reply) = b.handle_compact_syn(membership.hash, &versions, now) {
-                let answers = a.handle_syn_ack(reply, Some(&membership), now);
+                let answers = a.handle_syn_ack(reply, Sent::Compact(&membership), now);
                 b.apply_deltas(answers, now);
                 return;
             }
@@ -1204,7 +1265,7 @@ mod tests {
         assert_eq!(b.cluster.peer_infos(now)[0].heartbeat, 1);
         assert_eq!(reply.deltas.len(), 1);
         assert!(reply.heartbeats.is_empty());
-        a.cluster.handle_syn_ack(reply, Some(&membership), now);
+        a.cluster.handle_syn_ack(reply, Sent::Compact(&membership), now);
         assert_eq!(
             a.cluster.node_value("127.0.0.1:2", "k"),
             Some(&msgpack("v"))
@@ -1220,7 +1281,7 @@ mod tests {
             .unwrap();
         assert!(reply.deltas.is_empty());
         assert_eq!(reply.heartbeats, [1, 2]);
-        a.cluster.handle_syn_ack(reply, Some(&membership), now);
+        a.cluster.handle_syn_ack(reply, Sent::Compact(&membership), now);
         assert_eq!(a.cluster.peer_infos(now)[0].heartbeat, 2);
 
         // A membership change on either side makes the hash differ.
@@ -1261,11 +1322,31 @@ mod tests {
     }
 
     #[test]
+    fn after_a_named_digest_newer_heartbeats_go_back_by_position() {
+        let now = Instant::now();
+        let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        exchange(&mut a.cluster, &mut b.cluster, now);
+        for _ in 0..3 {
+            b.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        }
+        let sent = a.cluster.digest();
+        let reply = b.cluster.handle_syn(&sent, now);
+        let position = sent.iter().position(|e| e.name == "127.0.0.1:2").unwrap() as u64;
+        assert!(reply.deltas.is_empty(), "{:?}", reply.deltas);
+        assert_eq!(reply.heartbeats, [position, 3]);
+        a.cluster.handle_syn_ack(reply, Sent::Digest(&sent), now);
+        assert_eq!(a.cluster.digest()[position as usize].heartbeat, 3);
+    }
+
+    #[test]
     fn equal_value_is_not_a_change() {
         let now = Instant::now();
         let mut a = node(1, 1, now);
+        let mut b = node(2, 1, now);
+        exchange(&mut a.cluster, &mut b.cluster, now);
         assert!(a.cluster.set_local("k", msgpack("v"), None));
-        a.cluster.take_unpushed();
+        assert!(a.cluster.take_push(&mut test_rng()).is_some());
         assert!(!a.cluster.set_local("k", msgpack("v"), None));
         assert!(!a.cluster.has_unpushed());
         assert_eq!(a.cluster.digest()[0].max_version, 1);
@@ -1526,10 +1607,10 @@ mod tests {
         b.cluster.tick(later, Duration::ZERO, &mut test_rng());
         exchange(&mut b.cluster, &mut c.cluster, later);
         c.events.take();
-        // c's mean is now (4 × 1 s + 8 s) / 5 = 2.4 s; 35 s of silence is phi 6.3: past three
-        // quarters of the threshold, short of it.
+        // c's mean is the bootstrap 1 s (the wait for a learned peer's first rise is no
+        // interval); 14 s of silence is phi 6.1: past three quarters of the threshold, short of it.
         c.cluster.tick(
-            later + Duration::from_secs(35),
+            later + Duration::from_secs(14),
             Duration::ZERO,
             &mut test_rng(),
         );
@@ -1537,7 +1618,10 @@ mod tests {
             .events
             .take()
             .contains(&"peer_failed 127.0.0.1:2".to_string()));
-        assert_eq!(c.cluster.peer_names(Some(true)), ["127.0.0.1:2"]);
+        assert!(c
+            .cluster
+            .peer_names(Some(true))
+            .contains(&"127.0.0.1:2".to_string()));
     }
 
     #[test]
@@ -1566,7 +1650,13 @@ mod tests {
             }],
             now,
         );
-        for _ in 0..25 {
+        // A grace while clusters form: three times the usual silence.
+        for _ in 0..50 {
+            now += Duration::from_secs(1);
+            a.cluster.tick(now, Duration::ZERO, &mut test_rng());
+        }
+        assert_eq!(a.cluster.peer_names(Some(true)), ["127.0.0.1:7"]);
+        for _ in 0..10 {
             now += Duration::from_secs(1);
             a.cluster.tick(now, Duration::ZERO, &mut test_rng());
         }
@@ -1584,9 +1674,10 @@ mod tests {
         exchange(&mut a.cluster, &mut b.cluster, now);
         b.events.take();
         c.events.take();
-        b.cluster.take_unpushed();
+        b.cluster.take_push(&mut test_rng());
         a.cluster.leave();
-        let pushed = a.cluster.take_unpushed();
+        let (pushed, targets) = a.cluster.take_push(&mut test_rng()).unwrap();
+        assert_eq!(targets.len(), 2, "a leave goes to every live peer");
         b.cluster.apply_deltas(pushed.clone(), now);
         assert_eq!(b.events.take(), ["peer_failed 127.0.0.1:1"]);
         assert!(
@@ -1654,7 +1745,7 @@ mod tests {
         assert!((50..=150).contains(&seed_targets), "{seed_targets}");
         // Failed peers are tried with probability failed/(live+1).
         let mut now = now;
-        for _ in 0..30 {
+        for _ in 0..60 {
             now += Duration::from_secs(1);
             a.cluster.tick(now, Duration::ZERO, &mut test_rng());
         }
@@ -1815,8 +1906,8 @@ mod tests {
                 self.nodes[i].cluster.has_unpushed()
                     && !self.nodes[i].cluster.peer_names(Some(true)).is_empty()
             }) {
-                let deltas = self.nodes[i].cluster.take_unpushed();
-                for peer in self.nodes[i].cluster.peer_names(Some(true)) {
+                let (deltas, targets) = self.nodes[i].cluster.take_push(&mut self.rng).unwrap();
+                for peer in targets {
                     let to = self.index(&peer);
                     self.deliver(to, deltas.clone(), i);
                 }
@@ -2301,7 +2392,8 @@ mod tests {
         assert_eq!(a.cluster.node_keys(A), ["y"]);
         assert!(a.events.take().is_empty(), "no event for a local deletion");
         // The push reaches b; anti-entropy carries it on to c.
-        b.cluster.apply_deltas(a.cluster.take_unpushed(), now);
+        let (pushed, _) = a.cluster.take_push(&mut test_rng()).unwrap();
+        b.cluster.apply_deltas(pushed, now);
         exchange(&mut c.cluster, &mut b.cluster, now);
         for n in [&mut b, &mut c] {
             assert_eq!(n.events.take(), ["delete 127.0.0.1:1 x"]);

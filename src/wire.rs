@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped on any incompatible change; frames of another version are dropped and counted.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Versions, heartbeats and generations above this are refused: they could never be reached
 /// honestly, and accepting one would let a single bad frame shadow a real node forever.
@@ -130,7 +130,7 @@ pub enum Message {
     Syn { digest: Vec<DigestEntry> },
     /// The same digest without names or generations, for a responder that knows the same
     /// nodes: `versions` holds `heartbeat, max_version` per node, in the order of the sorted
-    /// membership whose hash is `membership_hash`.
+    /// membership whose hash is `membership_hash`. On the wire they are [`packed`](pack).
     CompactSyn {
         membership_hash: u64,
         versions: Vec<u64>,
@@ -138,8 +138,10 @@ pub enum Message {
     /// Responder → initiator, when its membership hash differs: send the named digest.
     NeedDigest,
     /// Responder → initiator: what the initiator lacks, and what the responder wants.
-    /// After a CompactSyn, newer heartbeats of nodes with nothing else new travel as
-    /// `index, heartbeat` pairs in `heartbeats` (indices into the sorted membership).
+    /// Newer heartbeats of nodes with nothing else new travel as `index, heartbeat` pairs in
+    /// `heartbeats`, indices rising: into the sorted membership after a CompactSyn, into the
+    /// digest after a Syn. On the wire they are [`packed`](pack), each index as the rise from
+    /// the previous one.
     SynAck {
         deltas: Vec<NodeDelta>,
         requests: Vec<Request>,
@@ -256,6 +258,84 @@ impl Rejection {
     }
 }
 
+/// A `bin` of unsigned LEB128 varints, 7 bits a byte: a heartbeat costs 1 byte below 128, 2
+/// below 16384 (4.5 hours of 1 s rounds) and 3 below about 2 million (24 days), where a
+/// MessagePack integer takes 5 from 65536 on. A CompactSyn carries one pair per node each round.
+struct Packed(Vec<u8>);
+
+impl Serialize for Packed {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+fn pack(values: impl ExactSizeIterator<Item = u64>) -> Packed {
+    let mut out = Vec::with_capacity(values.len() * 2);
+    for mut value in values {
+        while value >= 0x80 {
+            out.push(value as u8 | 0x80);
+            value >>= 7;
+        }
+        out.push(value as u8);
+    }
+    Packed(out)
+}
+
+/// Reads packed varints: at most `max_values` of them, none above [`MAX_COUNTER`] (so none longer
+/// than 8 bytes), the last one complete.
+fn unpack(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
+    let mut values = Vec::with_capacity(bytes.len().min(max_values));
+    let mut value = 0u64;
+    let mut shift = 0;
+    for &byte in bytes {
+        if shift > 49 {
+            return Err(Rejection::OutOfBounds);
+        }
+        value |= u64::from(byte & 0x7f) << shift;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            if values.len() == max_values {
+                return Err(Rejection::OutOfBounds);
+            }
+            check_counter(value)?;
+            values.push(value);
+            value = 0;
+            shift = 0;
+        }
+    }
+    if shift != 0 {
+        return Err(Rejection::Malformed);
+    }
+    Ok(values)
+}
+
+/// `index, heartbeat` pairs with rising indices, each index sent as its rise from the previous.
+fn pack_heartbeats(pairs: &[u64]) -> Packed {
+    let mut previous = 0;
+    pack(pairs.iter().enumerate().map(|(i, &value)| {
+        if i % 2 == 1 {
+            return value;
+        }
+        let rise = value.wrapping_sub(previous);
+        previous = value;
+        rise
+    }))
+}
+
+/// The inverse of [`pack_heartbeats`]; indices that do not rise are malformed.
+fn unpack_heartbeats(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
+    let mut pairs = unpack(bytes, max_values)?;
+    let mut index = 0u64;
+    for (i, rise) in pairs.iter_mut().step_by(2).enumerate() {
+        if i > 0 && *rise == 0 {
+            return Err(Rejection::Malformed);
+        }
+        index = index.checked_add(*rise).ok_or(Rejection::OutOfBounds)?;
+        *rise = index;
+    }
+    Ok(pairs)
+}
+
 pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
     let header = Header {
         version: PROTOCOL_VERSION,
@@ -266,7 +346,7 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
     // Sized for the common large messages, so encoding rarely reallocates.
     let estimate = match message {
         Message::Syn { digest } => digest.len() * 32,
-        Message::CompactSyn { versions, .. } => versions.len() * 5,
+        Message::CompactSyn { versions, .. } => versions.len() * 2,
         _ => 0,
     };
     let mut out = Vec::with_capacity(128 + estimate);
@@ -278,11 +358,17 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
             deltas,
             requests,
             heartbeats,
-        } => rmp_serde::encode::write(&mut out, &(deltas, requests, heartbeats)),
+        } => rmp_serde::encode::write(
+            &mut out,
+            &(deltas, requests, pack_heartbeats(heartbeats)),
+        ),
         Message::CompactSyn {
             membership_hash,
             versions,
-        } => rmp_serde::encode::write(&mut out, &(membership_hash, versions)),
+        } => rmp_serde::encode::write(
+            &mut out,
+            &(membership_hash, pack(versions.iter().copied())),
+        ),
         Message::NeedDigest => rmp_serde::encode::write(&mut out, &()),
         Message::Suspect {
             name,
@@ -320,12 +406,12 @@ pub fn decode(
             Message::Syn { digest }
         }
         2 => {
-            let (deltas, requests, heartbeats): (Vec<NodeDelta>, Vec<Request>, Vec<u64>) =
+            let (deltas, requests, heartbeats): (Vec<NodeDelta>, Vec<Request>, Bytes) =
                 read(&mut de)?;
             Message::SynAck {
                 deltas,
                 requests,
-                heartbeats,
+                heartbeats: unpack_heartbeats(&heartbeats, 2 * limits.max_peers_per_message)?,
             }
         }
         3 => Message::Ack {
@@ -336,10 +422,10 @@ pub fn decode(
             Message::Push { deltas, forward_to }
         }
         5 => {
-            let (membership_hash, versions): (u64, Vec<u64>) = read(&mut de)?;
+            let (membership_hash, versions): (u64, Bytes) = read(&mut de)?;
             Message::CompactSyn {
                 membership_hash,
-                versions,
+                versions: unpack(&versions, 2 * limits.max_peers_per_message)?,
             }
         }
         6 => {
@@ -527,23 +613,23 @@ mod tests {
     use tokio_util::codec::{Decoder, Encoder};
 
     const GOLDEN: [&str; 7] = [
-        "9401a163ad31302e302e302e313a3930303001919194ad31302e302e302e313a39303030010203",
-        "9401a163ad31302e302e302e313a3930303002939197ad31302e302e302e323a3930303107030002c29193a1\
-         6b02c402a1769193ad31302e302e302e313a3930303001009200cd012c",
-        "9401a163ad31302e302e302e313a3930303003919197ad31302e302e302e323a3930303107030002c29193a1\
+        "9402a163ad31302e302e302e313a3930303001919194ad31302e302e302e313a39303030010203",
+        "9402a163ad31302e302e302e313a3930303002939197ad31302e302e302e323a3930303107030002c29193a1\
+         6b02c402a1769193ad31302e302e302e313a393030300100c40300ac02",
+        "9402a163ad31302e302e302e313a3930303003919197ad31302e302e302e323a3930303107030002c29193a1\
          6b02c402a176",
-        "9401a163ad31302e302e302e313a3930303004929091aa5b3a3a315d3a39303032",
-        "9401a163ad31302e302e302e313a393030300592cffffffffffffffffe940c00ce0001117003",
-        "9401a163ad31302e302e302e313a3930303006c0",
-        "9401a163ad31302e302e302e313a393030300794ad31302e302e302e323a39303031070390",
+        "9402a163ad31302e302e302e313a3930303004929091aa5b3a3a315d3a39303032",
+        "9402a163ad31302e302e302e313a393030300592cffffffffffffffffec4060c00f0a20403",
+        "9402a163ad31302e302e302e313a3930303006c0",
+        "9402a163ad31302e302e302e313a393030300794ad31302e302e302e323a39303031070390",
     ];
 
     /// The same for what deletion added: a tombstone (an empty value) and the trailing horizon
     /// of a NodeDelta, a DigestEntry and a Request, present when not 0.
     const GOLDEN_DELETION: [&str; 2] = [
-        "9401a163ad31302e302e302e313a3930303001919195ad31302e302e302e323a3930303107030204",
-        "9401a163ad31302e302e302e313a3930303002939198ad31302e302e302e323a3930303107030205c29193a1\
-         6b05c400039194ad31302e302e302e323a3930303107020490",
+        "9402a163ad31302e302e302e313a3930303001919195ad31302e302e302e323a3930303107030204",
+        "9402a163ad31302e302e302e313a3930303002939198ad31302e302e302e323a3930303107030205c29193a1\
+         6b05c400039194ad31302e302e302e323a39303031070204c400",
     ];
 
     fn hex(bytes: &[u8]) -> String {
@@ -655,7 +741,7 @@ mod tests {
         ]
     }
 
-    /// Fixed bytes for every message kind of protocol version 1: a change here breaks peers.
+    /// Fixed bytes for every message kind of protocol version 2: a change here breaks peers.
     #[test]
     fn golden_encodings() {
         let encoded = |samples: Vec<Message>| -> Vec<String> {
@@ -697,7 +783,7 @@ mod tests {
         rmp_serde::encode::write(
             &mut other,
             &Header {
-                version: 1,
+                version: PROTOCOL_VERSION,
                 cluster: "a".into(),
                 from: "10.0.0.1:9000".into(),
                 kind: 42,
@@ -707,6 +793,29 @@ mod tests {
         assert_eq!(
             decode(&frame(&other), "a", &Limits::default()),
             Err(Rejection::UnknownKind)
+        );
+    }
+
+    #[test]
+    fn packed_counters_are_bounded_and_complete() {
+        let limit = 4;
+        let packed = pack([0, 127, 128, MAX_COUNTER].into_iter()).0;
+        assert_eq!(hex(&packed), "007f80018080808080808010");
+        assert_eq!(unpack(&packed, limit), Ok(vec![0, 127, 128, MAX_COUNTER]));
+        assert_eq!(unpack(&packed, limit - 1), Err(Rejection::OutOfBounds));
+        // Cut in the middle of a varint; above MAX_COUNTER; longer than any counter.
+        assert_eq!(unpack(&[0x80], limit), Err(Rejection::Malformed));
+        let above = pack([MAX_COUNTER + 1].into_iter()).0;
+        assert_eq!(unpack(&above, limit), Err(Rejection::OutOfBounds));
+        assert_eq!(unpack(&[0xff; 9], limit), Err(Rejection::OutOfBounds));
+        // Heartbeat indices go as rises; one that does not rise is refused.
+        let pairs = [3, 100, 4, 7, 90, 1];
+        let packed = pack_heartbeats(&pairs).0;
+        assert_eq!(hex(&packed), "036401075601");
+        assert_eq!(unpack_heartbeats(&packed, 6), Ok(pairs.to_vec()));
+        assert_eq!(
+            unpack_heartbeats(&[3, 1, 0, 1], 4),
+            Err(Rejection::Malformed)
         );
     }
 
