@@ -258,9 +258,11 @@ impl Rejection {
     }
 }
 
-/// A `bin` of unsigned LEB128 varints, 7 bits a byte: a heartbeat costs 1 byte below 128, 2
-/// below 16384 (4.5 hours of 1 s rounds) and 3 below about 2 million (24 days), where a
-/// MessagePack integer takes 5 from 65536 on. A CompactSyn carries one pair per node each round.
+/// A `bin` of unsigned LEB128 varints, 7 bits a byte: 1 byte below 128, 2 below 16384, 3 below
+/// about 2 million, where a MessagePack integer takes 5 from 65536 on. Heartbeats go as zigzag
+/// differences from the previous one in their list: nodes started about together beat about
+/// together, so a heartbeat costs a byte however long the cluster has run. A CompactSyn carries
+/// one per node each round.
 struct Packed(Vec<u8>);
 
 impl Serialize for Packed {
@@ -281,8 +283,8 @@ fn pack(values: impl ExactSizeIterator<Item = u64>) -> Packed {
     Packed(out)
 }
 
-/// Reads packed varints: at most `max_values` of them, none above [`MAX_COUNTER`] (so none longer
-/// than 8 bytes), the last one complete.
+/// Reads packed varints: at most `max_values` of them, none longer than 8 bytes (a zigzag
+/// difference of two counters needs 55 bits), the last one complete.
 fn unpack(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
     let mut values = Vec::with_capacity(bytes.len().min(max_values));
     let mut value = 0u64;
@@ -297,7 +299,6 @@ fn unpack(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
             if values.len() == max_values {
                 return Err(Rejection::OutOfBounds);
             }
-            check_counter(value)?;
             values.push(value);
             value = 0;
             shift = 0;
@@ -309,31 +310,91 @@ fn unpack(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
     Ok(values)
 }
 
-/// `index, heartbeat` pairs with rising indices, each index sent as its rise from the previous.
+/// `value - previous` as a zigzag number: 0, -1, 1, -2, 2 ... as 0, 1, 2, 3, 4 ...
+fn zigzag(value: u64, previous: u64) -> u64 {
+    let difference = value.wrapping_sub(previous) as i64;
+    ((difference << 1) ^ (difference >> 63)) as u64
+}
+
+/// The inverse of [`zigzag`], refusing what is not a counter.
+fn unzigzag(code: u64, previous: u64) -> Result<u64, Rejection> {
+    let difference = (code >> 1) as i64 ^ -((code & 1) as i64);
+    let value = previous
+        .checked_add_signed(difference)
+        .ok_or(Rejection::OutOfBounds)?;
+    check_counter(value)?;
+    Ok(value)
+}
+
+/// Packs pairs whose element `heartbeat_at` (0 or 1) is a heartbeat, sent as a difference from
+/// the previous pair's, and whose other element is sent as `other` returns it.
+fn pack_pairs(pairs: &[u64], heartbeat_at: usize, mut other: impl FnMut(u64) -> u64) -> Packed {
+    let mut heartbeat = 0;
+    pack(pairs.iter().enumerate().map(|(i, &value)| {
+        if i % 2 != heartbeat_at {
+            return other(value);
+        }
+        let code = zigzag(value, heartbeat);
+        heartbeat = value;
+        code
+    }))
+}
+
+/// Unpacks what [`pack_pairs`] packed, heartbeats restored and each other element as `other`
+/// restores it.
+fn unpack_pairs(
+    bytes: &[u8],
+    max_values: usize,
+    heartbeat_at: usize,
+    mut other: impl FnMut(u64) -> Result<u64, Rejection>,
+) -> Result<Vec<u64>, Rejection> {
+    let mut values = unpack(bytes, max_values)?;
+    let mut heartbeat = 0;
+    for (i, value) in values.iter_mut().enumerate() {
+        if i % 2 != heartbeat_at {
+            *value = other(*value)?;
+        } else {
+            heartbeat = unzigzag(*value, heartbeat)?;
+            *value = heartbeat;
+        }
+    }
+    Ok(values)
+}
+
+/// A CompactSyn's `heartbeat, max_version` pairs.
+fn pack_versions(versions: &[u64]) -> Packed {
+    pack_pairs(versions, 0, |max_version| max_version)
+}
+
+fn unpack_versions(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
+    unpack_pairs(bytes, max_values, 0, |max_version| {
+        check_counter(max_version)?;
+        Ok(max_version)
+    })
+}
+
+/// A SynAck's `index, heartbeat` pairs, indices rising, each sent as its rise from the previous.
 fn pack_heartbeats(pairs: &[u64]) -> Packed {
     let mut previous = 0;
-    pack(pairs.iter().enumerate().map(|(i, &value)| {
-        if i % 2 == 1 {
-            return value;
-        }
-        let rise = value.wrapping_sub(previous);
-        previous = value;
+    pack_pairs(pairs, 1, |index| {
+        let rise = index.wrapping_sub(previous);
+        previous = index;
         rise
-    }))
+    })
 }
 
 /// The inverse of [`pack_heartbeats`]; indices that do not rise are malformed.
 fn unpack_heartbeats(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
-    let mut pairs = unpack(bytes, max_values)?;
     let mut index = 0u64;
-    for (i, rise) in pairs.iter_mut().step_by(2).enumerate() {
-        if i > 0 && *rise == 0 {
+    let mut first = true;
+    unpack_pairs(bytes, max_values, 1, |rise| {
+        if !std::mem::take(&mut first) && rise == 0 {
             return Err(Rejection::Malformed);
         }
-        index = index.checked_add(*rise).ok_or(Rejection::OutOfBounds)?;
-        *rise = index;
-    }
-    Ok(pairs)
+        index = index.checked_add(rise).ok_or(Rejection::OutOfBounds)?;
+        check_counter(index)?;
+        Ok(index)
+    })
 }
 
 pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
@@ -367,7 +428,7 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
             versions,
         } => rmp_serde::encode::write(
             &mut out,
-            &(membership_hash, pack(versions.iter().copied())),
+            &(membership_hash, pack_versions(versions)),
         ),
         Message::NeedDigest => rmp_serde::encode::write(&mut out, &()),
         Message::Suspect {
@@ -425,7 +486,7 @@ pub fn decode(
             let (membership_hash, versions): (u64, Bytes) = read(&mut de)?;
             Message::CompactSyn {
                 membership_hash,
-                versions: unpack(&versions, 2 * limits.max_peers_per_message)?,
+                versions: unpack_versions(&versions, 2 * limits.max_peers_per_message)?,
             }
         }
         6 => {
@@ -615,11 +676,11 @@ mod tests {
     const GOLDEN: [&str; 7] = [
         "9402a163ad31302e302e302e313a3930303001919194ad31302e302e302e313a39303030010203",
         "9402a163ad31302e302e302e313a3930303002939197ad31302e302e302e323a3930303107030002c29193a1\
-         6b02c402a1769193ad31302e302e302e313a393030300100c40300ac02",
+         6b02c402a1769193ad31302e302e302e313a393030300100c40300d804",
         "9402a163ad31302e302e302e313a3930303003919197ad31302e302e302e323a3930303107030002c29193a1\
          6b02c402a176",
         "9402a163ad31302e302e302e313a3930303004929091aa5b3a3a315d3a39303032",
-        "9402a163ad31302e302e302e313a393030300592cffffffffffffffffec4060c00f0a20403",
+        "9402a163ad31302e302e302e313a393030300592cffffffffffffffffec4061800c8c50803",
         "9402a163ad31302e302e302e313a3930303006c0",
         "9402a163ad31302e302e302e313a393030300794ad31302e302e302e323a39303031070390",
     ];
@@ -803,18 +864,31 @@ mod tests {
         assert_eq!(hex(&packed), "007f80018080808080808010");
         assert_eq!(unpack(&packed, limit), Ok(vec![0, 127, 128, MAX_COUNTER]));
         assert_eq!(unpack(&packed, limit - 1), Err(Rejection::OutOfBounds));
-        // Cut in the middle of a varint; above MAX_COUNTER; longer than any counter.
+        // Cut in the middle of a varint; longer than any counter or difference of two.
         assert_eq!(unpack(&[0x80], limit), Err(Rejection::Malformed));
-        let above = pack([MAX_COUNTER + 1].into_iter()).0;
-        assert_eq!(unpack(&above, limit), Err(Rejection::OutOfBounds));
         assert_eq!(unpack(&[0xff; 9], limit), Err(Rejection::OutOfBounds));
-        // Heartbeat indices go as rises; one that does not rise is refused.
-        let pairs = [3, 100, 4, 7, 90, 1];
+
+        // Heartbeats go as differences: nodes that beat together cost a byte each, however
+        // long they have run.
+        let versions = [1_000_000, 0, 1_000_002, 5, 999_999, 0];
+        let packed = pack_versions(&versions).0;
+        assert_eq!(hex(&packed), "80897a0004050500");
+        assert_eq!(unpack_versions(&packed, 6), Ok(versions.to_vec()));
+        // A heartbeat below 0 or above MAX_COUNTER, a max version above it: refused.
+        let below = pack([zigzag(0, 1), 0].into_iter()).0;
+        let above = pack([zigzag(MAX_COUNTER + 1, 0), 0].into_iter()).0;
+        let max_above = pack([0, MAX_COUNTER + 1].into_iter()).0;
+        for packed in [below, above, max_above] {
+            assert_eq!(unpack_versions(&packed, 2), Err(Rejection::OutOfBounds));
+        }
+
+        // In a SynAck, indices go as rises; one that does not rise is refused.
+        let pairs = [3, 100, 4, 107, 90, 101];
         let packed = pack_heartbeats(&pairs).0;
-        assert_eq!(hex(&packed), "036401075601");
+        assert_eq!(hex(&packed), "03c801010e560b");
         assert_eq!(unpack_heartbeats(&packed, 6), Ok(pairs.to_vec()));
         assert_eq!(
-            unpack_heartbeats(&[3, 1, 0, 1], 4),
+            unpack_heartbeats(&[3, 2, 0, 2], 4),
             Err(Rejection::Malformed)
         );
     }
