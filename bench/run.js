@@ -291,9 +291,13 @@ function markdown(results) {
   const table = ['| figure | N | value |', '|---|---:|---:|', ...rows]
   const steady = results.filter((r) => r.scenario === 'steady' && r.status === 'ok')
   if (steady.length > 0) {
-    table.push('', '| N | CPU per node (ms/s) | sent per node (B/s) | RSS per node (KB) |', '|---:|---:|---:|---:|')
+    // Memory is counted above the process before its first gossiper: what the gossipers take.
+    table.push('', '| N | CPU per node (ms/s) | sent per node (B/s) | RSS per node (KB) | RSS per (node, peer) pair (B) |',
+      '|---:|---:|---:|---:|---:|')
     for (const r of steady) {
-      table.push(`| ${r.n} | ${(r.second.cpuCores * 1000 / r.n).toFixed(2)} | ${Math.round(r.second.bytesPerNodePerSec)} | ${Math.round(r.second.rssMB * 1024 / r.n)} |`)
+      const gossipersMB = r.second.rssMB - (r.rssMBBeforeFirstStart ?? 0)
+      table.push(`| ${r.n} | ${(r.second.cpuCores * 1000 / r.n).toFixed(2)} | ${Math.round(r.second.bytesPerNodePerSec)} | ` +
+        `${Math.round(gossipersMB * 1024 / r.n)} | ${Math.round(gossipersMB * 2 ** 20 / (r.n * (r.n - 1)))} |`)
     }
   }
   return table.join('\n')

@@ -358,7 +358,7 @@ async function runCluster(job, emit) {
         emit({
           scenario: 'steady', ...base, status: 'ok', windowS: durationS, first, second,
           ratio: { cpuCores: ratio('cpuCores'), bytesPerNodePerSec: ratio('bytesPerNodePerSec'), rssMB: ratio('rssMB') },
-          rssMBStart: mb(s0.rss), rssMBEnd: mb(s2.rss),
+          rssMBStart: mb(s0.rss), rssMBEnd: mb(s2.rss), rssMBBeforeFirstStart: mb(atStart.rss),
         })
       }
       if (want('stability')) {
