@@ -737,7 +737,12 @@ impl Cluster {
 
     /// Initiator side, after the SynAck: applies its deltas and its heartbeats, which index
     /// into what we `sent`, and answers its requests.
-    pub fn handle_syn_ack(&mut self, reply: SynReply, sent: Sent<'_>, now: Instant) -> Vec<NodeDelta> {
+    pub fn handle_syn_ack(
+        &mut self,
+        reply: SynReply,
+        sent: Sent<'_>,
+        now: Instant,
+    ) -> Vec<NodeDelta> {
         self.apply_deltas(reply.deltas, now);
         let plausible = self.plausible();
         for pair in reply.heartbeats.chunks_exact(2) {
@@ -1265,7 +1270,8 @@ mod tests {
         assert_eq!(b.cluster.peer_infos(now)[0].heartbeat, 1);
         assert_eq!(reply.deltas.len(), 1);
         assert!(reply.heartbeats.is_empty());
-        a.cluster.handle_syn_ack(reply, Sent::Compact(&membership), now);
+        a.cluster
+            .handle_syn_ack(reply, Sent::Compact(&membership), now);
         assert_eq!(
             a.cluster.node_value("127.0.0.1:2", "k"),
             Some(&msgpack("v"))
@@ -1281,7 +1287,8 @@ mod tests {
             .unwrap();
         assert!(reply.deltas.is_empty());
         assert_eq!(reply.heartbeats, [1, 2]);
-        a.cluster.handle_syn_ack(reply, Sent::Compact(&membership), now);
+        a.cluster
+            .handle_syn_ack(reply, Sent::Compact(&membership), now);
         assert_eq!(a.cluster.peer_infos(now)[0].heartbeat, 2);
 
         // A membership change on either side makes the hash differ.

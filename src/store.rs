@@ -115,7 +115,11 @@ impl NodeState {
         if value.is_empty() {
             self.maps.tombstones.insert(version);
         }
-        if let Some(old) = self.maps.kvs.insert(key.clone(), Versioned { version, value }) {
+        if let Some(old) = self
+            .maps
+            .kvs
+            .insert(key.clone(), Versioned { version, value })
+        {
             self.maps.by_version.remove(&old.version);
             if !old.is_live() {
                 self.maps.tombstones.remove(&old.version);
@@ -127,7 +131,11 @@ impl NodeState {
 
     /// The value of a live key.
     pub fn value(&self, key: &str) -> Option<&Bytes> {
-        self.maps.kvs.get(key).filter(|v| v.is_live()).map(|v| &v.value)
+        self.maps
+            .kvs
+            .get(key)
+            .filter(|v| v.is_live())
+            .map(|v| &v.value)
     }
 
     /// Every live key and its value, oldest version first.
@@ -147,7 +155,9 @@ impl NodeState {
     pub(crate) fn admits(&self, kv: &KeyValue) -> bool {
         match self.maps.kvs.get(&kv.key) {
             Some(held) if held.version == kv.version => held.value == kv.value,
-            Some(held) => held.version > kv.version && !self.maps.by_version.contains_key(&kv.version),
+            Some(held) => {
+                held.version > kv.version && !self.maps.by_version.contains_key(&kv.version)
+            }
             None => kv.version <= self.horizon && !self.maps.by_version.contains_key(&kv.version),
         }
     }
@@ -179,7 +189,8 @@ impl NodeState {
 
     /// Live keys, oldest version first.
     pub fn keys(&self) -> Vec<String> {
-        self.maps.by_version
+        self.maps
+            .by_version
             .iter()
             .filter(|(version, _)| !self.maps.tombstones.contains(version))
             .map(|(_, key)| key.clone())

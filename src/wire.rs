@@ -419,17 +419,11 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
             deltas,
             requests,
             heartbeats,
-        } => rmp_serde::encode::write(
-            &mut out,
-            &(deltas, requests, pack_heartbeats(heartbeats)),
-        ),
+        } => rmp_serde::encode::write(&mut out, &(deltas, requests, pack_heartbeats(heartbeats))),
         Message::CompactSyn {
             membership_hash,
             versions,
-        } => rmp_serde::encode::write(
-            &mut out,
-            &(membership_hash, pack_versions(versions)),
-        ),
+        } => rmp_serde::encode::write(&mut out, &(membership_hash, pack_versions(versions))),
         Message::NeedDigest => rmp_serde::encode::write(&mut out, &()),
         Message::Suspect {
             name,
