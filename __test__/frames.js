@@ -50,7 +50,7 @@ function withLength(body) {
 }
 
 /** One frame: [version, cluster, from, kind] then the payload. */
-function frame(kind, payload, { cluster = 'gossiper', from = FAKE_FROM, version = 1 } = {}) {
+function frame(kind, payload, { cluster = 'gossiper', from = FAKE_FROM, version = 2 } = {}) {
   return withLength(Buffer.concat([pack([version, cluster, from, kind]), pack(payload)]))
 }
 

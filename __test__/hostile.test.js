@@ -59,7 +59,7 @@ describe('hostile input to one node of a live 3-node cluster', () => {
   test('the frame builder is sound: a well-formed Syn gets a SynAck describing every node', async () => {
     victim.setLocalState('own', 'state')
     const reply = parseFrame(await sendRaw(port, frame(SYN, [[]])))
-    assert.deepEqual(reply.header, [1, 'gossiper', victim.peer_name, 2])
+    assert.deepEqual(reply.header, [2, 'gossiper', victim.peer_name, 2])
     const [deltas, requests] = reply.payload
     assert.deepEqual(requests, [])
     assert.deepEqual(deltas.map((d) => d[0]).sort(), nodes.map((g) => g.peer_name).sort())
@@ -105,7 +105,7 @@ describe('hostile input to one node of a live 3-node cluster', () => {
   })
 
   test('another protocol version is counted as wrongVersion', async () => {
-    await expectRejected('wrongVersion', frame(SYN, [[]], { version: 2 }))
+    await expectRejected('wrongVersion', frame(SYN, [[]], { version: 1 }))
   })
 
   test('an unknown message kind (9) is counted as unknownKind', async () => {

@@ -2,11 +2,12 @@
 // Benchmark harness: gossipers on loopback, one Node process per job.
 //
 //   node bench/run.js [--preset quick|full] [--n 20,100] [--interval ms] [--duration s]
-//                     [--trials k] [--scenarios membership,propagation,steady,throughput,churn,failure,stability]
-//                     [--svg dir] [--smoke]
+//                     [--trials k] [--scenarios membership,s1,propagation,steady,stability,
+//                     throughput,churn,failure,join-storm] [--svg dir] [--markdown] [--smoke]
 //
 // Each job runs in a fresh worker process (this file, forked with --worker): one job per N
-// (membership, propagation, steady, stability), one each for throughput, churn and failure. Process-wide
+// (membership, s1, propagation, steady, stability and join failures), one per N for join-storm
+// (every node started at once), one each for throughput, churn and failure. Process-wide
 // figures (CPU, RSS) then belong to one job, and a job that hangs is killed without taking the
 // rest down. Jobs run one after another. Results stream out as `BENCH {json}` lines on stdout;
 // a table follows at the end. Progress goes to stderr.
@@ -19,8 +20,10 @@ const path = require('node:path')
 const fs = require('node:fs')
 const { fork } = require('node:child_process')
 
-const ALL_SCENARIOS = ['membership', 'propagation', 'steady', 'throughput', 'churn', 'failure', 'stability']
-const CLUSTER_SCENARIOS = ['membership', 'propagation', 'steady', 'stability']
+const ALL_SCENARIOS = ['membership', 's1', 'propagation', 'steady', 'throughput', 'churn', 'failure', 'stability', 'join-storm']
+const CLUSTER_SCENARIOS = ['membership', 's1', 'propagation', 'steady', 'stability']
+// What each cluster scenario reports: stability also reports the false failures while joining.
+const REPORTS = { stability: ['stability', 'join-failures'] }
 
 const PRESETS = {
   quick: { ns: [20, 100], durationS: 10, trials: 3, interval: 1000, keys: 200000, cycles: 1e6, settleIntervals: 2 },
@@ -29,7 +32,7 @@ const PRESETS = {
 }
 
 const USAGE = `usage: node bench/run.js [--preset quick|full] [--n 20,100] [--interval ms] [--duration s]
-                         [--trials k] [--scenarios ${ALL_SCENARIOS.join(',')}] [--svg dir] [--smoke]`
+                         [--trials k] [--scenarios ${ALL_SCENARIOS.join(',')}] [--svg dir] [--markdown] [--smoke]`
 
 // ---------------------------------------------------------------------------------------------
 // Command line
@@ -54,7 +57,8 @@ function parseArgs(argv) {
       case '--interval': given.interval = positive(value(), '--interval'); break
       case '--duration': given.durationS = positive(value(), '--duration'); break
       case '--trials': given.trials = Math.round(positive(value(), '--trials')); break
-      case '--scenarios': given.scenarios = value().split(',').filter(Boolean); break
+      case '--scenarios': case '--scenario': given.scenarios = value().split(',').filter(Boolean); break
+      case '--markdown': given.markdown = true; break
       case '--svg': given.svg = value(); break
       case '--help': case '-h': console.log(USAGE); process.exit(0); break
       default: throw new Error(`unknown argument '${arg}'`)
@@ -78,7 +82,13 @@ function planJobs(config) {
   const clusterScenarios = CLUSTER_SCENARIOS.filter((s) => scenarios.includes(s))
   if (clusterScenarios.length > 0) {
     for (const n of config.ns) {
-      jobs.push({ kind: 'cluster', label: `N=${n}`, n, interval, trials, durationS, scenarios: clusterScenarios, expects: clusterScenarios.map((s) => [s, n]) })
+      const expects = clusterScenarios.flatMap((s) => REPORTS[s] ?? [s]).map((s) => [s, n])
+      jobs.push({ kind: 'cluster', label: `N=${n}`, n, interval, trials, durationS, scenarios: clusterScenarios, expects })
+    }
+  }
+  if (scenarios.includes('join-storm')) {
+    for (const n of config.ns) {
+      jobs.push({ kind: 'cluster', storm: true, label: `join-storm N=${n}`, n, interval, trials, durationS, scenarios: ['join-storm'], expects: [['join-storm', n]] })
     }
   }
   if (scenarios.includes('throughput')) jobs.push({ kind: 'throughput', label: 'throughput', interval, keys, expects: [['throughput', 2]] })
@@ -92,7 +102,7 @@ function jobBudgetMs(job) {
   const { bounds } = require('./scenarios')
   const b = bounds(job.interval, job.n ?? 20)
   const slack = 90e3
-  if (job.kind === 'cluster') return b.membershipMs + job.trials * (b.propagationMs + job.interval) + job.durationS * 1000 + slack
+  if (job.kind === 'cluster') return b.membershipMs + (job.trials + 1) * (b.propagationMs + job.interval) + job.durationS * 1000 + slack
   if (job.kind === 'throughput') return b.membershipMs + b.throughputMs + slack
   if (job.kind === 'churn') return b.membershipMs + 2 * b.churnMs + slack
   return 3 * b.membershipMs + 2 * (b.detectionMs + job.settleIntervals * job.interval + 30e3) + slack
@@ -187,7 +197,19 @@ function figures(r) {
     case 'membership':
       return r.status === 'timeout'
         ? `>${r.timeoutS} s (timeout); ${r.nodesComplete}/${r.n} nodes saw everyone`
-        : `all ${r.n} see all others live after ${duration(r.seconds * 1000)} (${r.rounds} round${r.rounds === 1 ? '' : 's'})`
+        : `all ${r.n} see all others live ${duration(r.secondsAfterLastStart * 1000)} after the last start ` +
+          `(${duration(r.seconds * 1000)} after the first; starting took ${duration(r.startSeconds * 1000)}); ` +
+          `joining: CPU ${r.join.cpuCores} cores, ${r.join.bytesPerNodePerSec} B/node/s, peak RSS ${r.peakRssMB} MB`
+    case 'join-storm':
+      return `${r.status === 'timeout' ? `>${r.timeoutS} s (timeout), ${r.nodesComplete}/${r.n} nodes saw everyone` : `all see all ${duration(r.secondsAfterLastStart * 1000)} after the last start`}` +
+        ` (${r.n - 1} started at once in ${duration(r.startSeconds * 1000)}); ${r.falseFailures} false peer_failed` +
+        ` (${r.falseFailuresUntilMembership} until membership); joining: CPU ${r.join.cpuCores} cores, ${r.join.bytesPerNodePerSec} B/node/s, peak RSS ${r.peakRssMB} MB`
+    case 's1':
+      return `write ${r.writtenAtS} s after the first start: ${r.received}/${r.of} have it; first ${orTimeout(r.firstMs, r.timeoutS)}, ` +
+        `median ${orTimeout(r.medianMs, r.timeoutS)}, last ${orTimeout(r.lastMs, r.timeoutS)}`
+    case 'join-failures':
+      return `${r.falseFailures} false peer_failed from the first start until the steady window (${r.untilS} s; ` +
+        `${r.untilMembership} until membership), by ${r.observers} observers about ${r.peers} peers`
     case 'propagation': {
       return `first ${orTimeout(r.firstMs, r.timeoutS)}, median ${orTimeout(r.medianMs, r.timeoutS)}, last ${orTimeout(r.lastMs, r.timeoutS)}` +
         ` = ${rounds([r.firstRounds, r.medianRounds, r.lastRounds])} rounds (median of ${r.trials} trial${r.trials > 1 ? 's' : ''}` +
@@ -227,6 +249,58 @@ function table(results) {
   const widths = [0, 1].map((c) => Math.max(...rows.map((row) => row[c].length)))
   const line = (row) => `${row[0].padEnd(widths[0])}  ${row[1].padStart(widths[1])}  ${row[2]}`
   return [line(rows[0]), '-'.repeat(widths[0] + widths[1] + 4 + 60), ...rows.slice(1).map(line)].join('\n')
+}
+
+// README tables: one row per figure and N, then the cost per node against N.
+function markdown(results) {
+  const rows = []
+  const add = (figure, r, value) => rows.push(`| ${figure} | ${r.n} | ${value} |`)
+  const ms = (x) => (x === null || x === undefined ? 'timeout' : duration(x))
+  for (const r of results) {
+    if (r.status === 'error') { add(r.scenario, r, 'error'); continue }
+    switch (r.scenario) {
+      case 'membership':
+        add('membership complete, after the last start', r, r.status === 'timeout' ? `timeout (${r.nodesComplete} complete)` : duration(r.secondsAfterLastStart * 1000))
+        break
+      case 'join-storm':
+        add('join storm: membership complete, after the last start', r, r.status === 'timeout' ? `timeout (${r.nodesComplete} complete)` : duration(r.secondsAfterLastStart * 1000))
+        add('join storm: false peer_failed', r, `${r.falseFailures} (${r.falseFailuresUntilMembership} until membership)`)
+        add('join storm: CPU while joining', r, `${r.join.cpuCores} cores`)
+        break
+      case 'join-failures':
+        add('false peer_failed while joining', r, String(r.falseFailures))
+        break
+      case 's1':
+        add('s1: a write 10 s after the first start, until all have it', r, ms(r.lastMs))
+        break
+      case 'propagation':
+        add('a write in steady state, until all have it (median of trials)', r, ms(r.lastMs))
+        break
+      case 'steady':
+        add('CPU, steady', r, `${r.second.cpuCores} cores`)
+        add('sent per node per second, steady', r, `${r.second.bytesPerNodePerSec} B`)
+        add('RSS, steady', r, `${r.second.rssMB} MB`)
+        break
+      case 'stability':
+        add('false peer_failed in the steady window', r, `${r.falsePositives} in ${r.windowS} s`)
+        break
+      default:
+        break
+    }
+  }
+  const table = ['| figure | N | value |', '|---|---:|---:|', ...rows]
+  const steady = results.filter((r) => r.scenario === 'steady' && r.status === 'ok')
+  if (steady.length > 0) {
+    // Memory is counted above the process before its first gossiper: what the gossipers take.
+    table.push('', '| N | CPU per node (ms/s) | sent per node (B/s) | RSS per node (KB) | RSS per (node, peer) pair (B) |',
+      '|---:|---:|---:|---:|---:|')
+    for (const r of steady) {
+      const gossipersMB = r.second.rssMB - (r.rssMBBeforeFirstStart ?? 0)
+      table.push(`| ${r.n} | ${(r.second.cpuCores * 1000 / r.n).toFixed(2)} | ${Math.round(r.second.bytesPerNodePerSec)} | ` +
+        `${Math.round(gossipersMB * 1024 / r.n)} | ${Math.round(gossipersMB * 2 ** 20 / (r.n * (r.n - 1)))} |`)
+    }
+  }
+  return table.join('\n')
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -277,11 +351,12 @@ async function main() {
     }
   }
 
-  const TABLE_ORDER = ['membership', 'propagation', 'steady', 'stability', 'throughput', 'churn', 'failure']
+  const TABLE_ORDER = ['membership', 'join-storm', 's1', 'join-failures', 'propagation', 'steady', 'stability', 'throughput', 'churn', 'failure']
   const order = (r) => TABLE_ORDER.indexOf(r.scenario)
   const sorted = [...results].sort((a, b) => order(a) - order(b) || a.n - b.n)
   console.log()
   console.log(table(sorted))
+  if (config.markdown) console.log(`\n${markdown(sorted)}`)
   for (const s of shutdowns) if (s.status !== 'ok') problems.push(`N=${s.n}: stop() did not resolve for every gossiper within 30 s`)
   for (const p of problems) console.log(`problem: ${firstLine(p)}`)
   const totalS = ((Date.now() - begun) / 1000).toFixed(1)

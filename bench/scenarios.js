@@ -1,7 +1,8 @@
 'use strict'
 // The benchmark scenarios. Each job below runs in a fresh worker process (bench/run.js forks
 // one per job), so process-wide figures (CPU, RSS) belong to that job alone:
-//   runCluster    N gossipers: membership, propagation, steady (+ stability)
+//   runCluster    N gossipers: membership, s1, propagation, steady, stability, join failures;
+//                 or, for the join-storm scenario, all started at once and the join figures
 //   runThroughput two gossipers: 200,000 writes on A delivered to B
 //   runChurn      two gossipers: a million set/delete cycles on A, twice; memory after each
 //   runFailure    19 gossipers + one in a child process (bench/child.js): SIGKILL, then stop()
@@ -56,16 +57,30 @@ const mb = (bytes) => round1(bytes / 2 ** 20)
 // ---------------------------------------------------------------------------------------------
 // Cluster helpers
 
-/** Starts n gossipers on loopback, port 0; the first is every other's seed. */
-async function startCluster(n, interval) {
+/**
+ * Starts n gossipers on loopback, port 0; the first is every other's seed. `attach(g, i)` runs
+ * before each start, so that no event is missed. One after another by default; with `storm`,
+ * the seed first and then all the others at once, as when a whole service starts together.
+ * Resolves { gossipers, lastStartAt }.
+ */
+async function startCluster(n, interval, { storm = false, attach = () => {} } = {}) {
   const gossipers = []
-  for (let i = 0; i < n; i++) {
+  const make = (i) => {
     const seeds = i === 0 ? [] : [gossipers[0].peer_name]
     const g = new Gossiper({ ...EXTRA, port: 0, address: HOST, seeds, gossipInterval: interval })
     gossipers.push(g)
-    await g.start()
+    attach(g, i)
+    return g
   }
-  return gossipers
+  await make(0).start()
+  if (storm) {
+    const rest = []
+    for (let i = 1; i < n; i++) rest.push(make(i))
+    await Promise.all(rest.map((g) => g.start()))
+  } else {
+    for (let i = 1; i < n; i++) await make(i).start()
+  }
+  return { gossipers, lastStartAt: now() }
 }
 
 /** Stops every gossiper, waiting at most `timeoutMs`. Resolves { ms, timedOut }. */
@@ -82,18 +97,39 @@ async function stopAll(gossipers, timeoutMs = 30e3) {
  * Waits until each of `nodes` lists every name of `names` (but its own) in livePeers().
  * Each poll checks at most `perPoll` of the nodes not yet complete, round robin (livePeers() of
  * a 1000-node cluster is 1000 strings: checking every node every poll would load the machine
- * being measured); once none is pending, a pass over all of them confirms. Resolves
+ * being measured); once none is pending, a pass over all of them confirms. With `ready` (a
+ * cheap test, e.g. counts kept from events), nodes are only polled once it holds. Resolves
  * { ms (since `since`), timedOut, complete (nodes seeing everyone) }.
  */
-async function waitMembership(nodes, names, { since, timeoutMs, pollMs = 50, perPoll = 64, extra }) {
+async function waitMembership(nodes, names, { since, timeoutMs, pollMs = 50, perPoll = 64, extra, ready = () => true, incomplete }) {
   const wanted = new Set(names)
   const sees = (g) => {
     let count = 0
     for (const name of g.livePeers()) if (wanted.has(name) && name !== g.peer_name) count++
     return count === wanted.size - (wanted.has(g.peer_name) ? 1 : 0)
   }
+  // Every 10 s while waiting, what a node not yet complete lacks: a peer unknown, or known but
+  // failed. Progress goes to stderr.
+  let nextReport = now() + 10e3
+  const report = (g) => {
+    const known = new Set(g.allPeers())
+    const live = new Set(g.livePeers())
+    const missing = names.filter((name) => name !== g.peer_name && !live.has(name))
+    const failed = missing.filter((name) => known.has(name)).length
+    process.stderr.write(`[waiting ${((now() - since) / 1000).toFixed(1)} s] ` +
+      `${g.peer_name} lacks ${missing.length} (${missing.length - failed} unknown, ${failed} failed)\n`)
+  }
   let pending = [...nodes]
   for (;;) {
+    if (now() >= nextReport && pending.length > 0) {
+      nextReport = now() + 10e3
+      report((incomplete && incomplete()) || pending[0])
+    }
+    if (!ready()) {
+      if (now() - since >= timeoutMs) return { ms: now() - since, timedOut: true, complete: nodes.filter(sees).length }
+      await sleep(pollMs)
+      continue
+    }
     const checked = pending.slice(0, perPoll).filter((g) => !sees(g))
     pending = [...pending.slice(perPoll), ...checked] // unchecked first next time
     if (pending.length === 0) {
@@ -132,19 +168,39 @@ function sumStats(gossipers) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Job: N gossipers. Membership, then propagation trials, then the steady window (stability).
+// Job: N gossipers. Membership and the s1 write (both timed from the first start), then
+// propagation trials, then the steady window (stability). With `job.storm` (the join-storm
+// scenario) every node but the seed starts at once, and the job ends after the join figures.
+
+// The original s1 simulation: one write by the last node started, 10 s after the first start,
+// whether or not the cluster has formed yet.
+const S1_WRITE_AFTER_MS = 10e3
 
 async function runCluster(job, emit) {
-  const { n, interval, trials, durationS, scenarios } = job
+  const { n, interval, trials, durationS, scenarios, storm = false } = job
   const want = (name) => scenarios.includes(name)
   const limits = bounds(interval, n)
   const base = { n, interval }
 
-  // Listeners: arrivals of the current propagation trial, and every peer_failed.
+  // Listeners: arrivals of the current write (an s1 or propagation trial), and every
+  // peer_failed. Every node stays up throughout, so every peer_failed is a false one.
   let trial = null
   const failures = [] // { at, observer, peer }
   const alives = []
+  // How many live peers each node has, as its events tell (a new peer is live, and failed and
+  // alive alternate), so that waiting for membership costs nothing until every node counts
+  // n - 1; livePeers() then confirms.
+  const liveCounts = new Int32Array(n)
+  let nodesSeeingAll = 0
+  const countLive = (index, change) => {
+    const before = liveCounts[index]
+    liveCounts[index] += change
+    nodesSeeingAll += (before + change === n - 1) - (before === n - 1)
+  }
   const attach = (g, index) => {
+    g.on('new_peer', () => countLive(index, 1))
+    g.on('peer_alive', () => countLive(index, 1))
+    g.on('peer_failed', () => countLive(index, -1))
     g.on('update', (peer, key) => {
       const t = trial
       if (t !== null && key === t.key && !t.arrivals.has(index)) {
@@ -152,40 +208,101 @@ async function runCluster(job, emit) {
         if (t.arrivals.size === t.expected) t.resolve()
       }
     })
-    g.on('peer_failed', (peer) => failures.push({ at: now(), observer: g.peer_name, peer }))
-    g.on('peer_alive', (peer) => alives.push({ at: now(), observer: g.peer_name, peer }))
+    g.on('peer_failed', (peer) => failures.push({ at: now(), observer: index, peer }))
+    g.on('peer_alive', (peer) => alives.push({ at: now(), observer: index, peer }))
+  }
+  /** Writes `key` on `writer` and resolves the arrivals once all others have it, or at `ms`. */
+  const timedWrite = async (writerIndex, key, value, ms) => {
+    const t = { key, arrivals: new Map(), expected: n - 1 }
+    const done = new Promise((resolve) => { t.resolve = resolve })
+    trial = t
+    t.writtenAt = now()
+    gossipers[writerIndex].setLocalState(key, value)
+    const completed = t.expected === 0 || (await within(done, ms))
+    trial = null
+    const arrivalsMs = [...t.arrivals.values()].sort((x, y) => x - y)
+    return { writer: writerIndex, completed, received: arrivalsMs.length, ...spread(arrivalsMs, t.expected), arrivalsMs }
+  }
+  const snapshot = () => ({ t: now(), cpu: process.cpuUsage(), stats: sumStats(gossipers), rss: process.memoryUsage().rss })
+  const usage = (a, b) => {
+    const seconds = (b.t - a.t) / 1000
+    return {
+      seconds: round3(seconds),
+      cpuCores: round3(((b.cpu.user - a.cpu.user) + (b.cpu.system - a.cpu.system)) / 1e6 / seconds),
+      bytesPerNodePerSec: round1((b.stats.bytesSent - a.stats.bytesSent) / n / seconds),
+      messagesPerNodePerSec: round3((b.stats.messagesSent - a.stats.messagesSent) / n / seconds),
+    }
   }
 
+  let gossipers = []
   const begun = now()
-  const gossipers = await startCluster(n, interval)
-  gossipers.forEach(attach)
+  const atStart = { t: begun, cpu: process.cpuUsage(), stats: { bytesSent: 0, messagesSent: 0 }, rss: process.memoryUsage().rss }
+  let peakRss = atStart.rss
+  const rssSampler = setInterval(() => { peakRss = Math.max(peakRss, process.memoryUsage().rss) }, 250)
+  // s1: armed before the first start, so the write happens 10 s after it however long starting takes.
+  let s1 = null
+  const s1Wanted = want('s1') && !storm
+  const s1Timer = s1Wanted && setTimeout(() => {
+    s1 = (async () => {
+      while (gossipers.length < n) await sleep(10) // still starting: the last one writes once up
+      return { ...(await timedWrite(n - 1, `hi-${Date.now()}`, 's1', limits.propagationMs)), writtenAtS: (now() - begun) / 1000 }
+    })()
+  }, S1_WRITE_AFTER_MS)
+  const started = await startCluster(n, interval, { storm, attach })
+  gossipers = started.gossipers
+  const startSeconds = (started.lastStartAt - begun) / 1000
   const names = gossipers.map((g) => g.peer_name)
 
   try {
-    // 1. membership
-    const m = await waitMembership(gossipers, names, { since: begun, timeoutMs: limits.membershipMs })
-    if (want('membership')) {
+    // 1. membership, from the first start and from the last
+    const m = await waitMembership(gossipers, names, {
+      since: begun, timeoutMs: limits.membershipMs,
+      ready: () => nodesSeeingAll === n, incomplete: () => gossipers[liveCounts.findIndex((count) => count !== n - 1)],
+    })
+    const atMembership = snapshot()
+    const failedUntilMembership = failures.length
+    const membership = {
+      status: m.timedOut ? 'timeout' : 'ok',
+      seconds: round3(m.ms / 1000), rounds: round1(m.ms / interval),
+      secondsAfterLastStart: round3(m.ms / 1000 - startSeconds), startSeconds: round3(startSeconds),
+      nodesComplete: m.complete, timeoutS: limits.membershipMs / 1000,
+    }
+    if (storm) {
+      // The join storm's figures: membership, what joining cost, and false failures until
+      // 10 rounds after membership (a flapping cluster keeps failing nodes after it formed).
+      await sleep(10 * interval)
+      clearInterval(rssSampler)
       emit({
-        scenario: 'membership', ...base, status: m.timedOut ? 'timeout' : 'ok',
-        seconds: round3(m.ms / 1000), rounds: round1(m.ms / interval),
-        nodesComplete: m.complete, timeoutS: limits.membershipMs / 1000,
+        scenario: 'join-storm', ...base, ...membership,
+        falseFailures: failures.length, falseFailuresUntilMembership: failedUntilMembership,
+        settleS: 10 * interval / 1000,
+        examples: failures.slice(0, 10).map((f) => ({ atS: round3((f.at - begun) / 1000), observer: names[f.observer], peer: f.peer })),
+        join: usage(atStart, atMembership), peakRssMB: mb(peakRss),
+      })
+      return
+    }
+    if (want('membership')) {
+      emit({ scenario: 'membership', ...base, ...membership, join: usage(atStart, atMembership), peakRssMB: mb(peakRss) })
+    }
+
+    // s1: the write 10 s after the first start
+    if (s1Wanted) {
+      while (s1 === null) await sleep(50)
+      const r = await s1
+      emit({
+        scenario: 's1', ...base, status: r.completed ? 'ok' : 'timeout', timeoutS: limits.propagationMs / 1000,
+        writtenAtS: round3(r.writtenAtS), received: r.received, of: n - 1,
+        firstMs: round3(r.first), medianMs: round3(r.median), lastMs: round3(r.last),
+        arrivalsMs: r.arrivalsMs.map(round1),
       })
     }
+    clearInterval(rssSampler)
 
     // 2. propagation
     if (want('propagation')) {
       const results = []
       for (let k = 0; k < trials; k++) {
-        const writerIndex = Math.floor(Math.random() * n)
-        const t = { key: `bench-propagation-${k}-${Date.now()}`, arrivals: new Map(), expected: n - 1 }
-        const done = new Promise((resolve) => { t.resolve = resolve })
-        trial = t
-        t.writtenAt = now()
-        gossipers[writerIndex].setLocalState(t.key, k)
-        const completed = t.expected === 0 || (await within(done, limits.propagationMs))
-        trial = null
-        const arrivalsMs = [...t.arrivals.values()].sort((a, b) => a - b)
-        results.push({ writer: writerIndex, completed, received: arrivalsMs.length, ...spread(arrivalsMs, t.expected), arrivalsMs })
+        results.push(await timedWrite(Math.floor(Math.random() * n), `bench-propagation-${k}-${Date.now()}`, k, limits.propagationMs))
         await sleep(interval / 4) // let relays of this trial settle before the next
       }
       const fig = (which) => median(results.map((r) => r[which]))
@@ -241,7 +358,7 @@ async function runCluster(job, emit) {
         emit({
           scenario: 'steady', ...base, status: 'ok', windowS: durationS, first, second,
           ratio: { cpuCores: ratio('cpuCores'), bytesPerNodePerSec: ratio('bytesPerNodePerSec'), rssMB: ratio('rssMB') },
-          rssMBStart: mb(s0.rss), rssMBEnd: mb(s2.rss),
+          rssMBStart: mb(s0.rss), rssMBEnd: mb(s2.rss), rssMBBeforeFirstStart: mb(atStart.rss),
         })
       }
       if (want('stability')) {
@@ -250,12 +367,23 @@ async function runCluster(job, emit) {
           scenario: 'stability', ...base, status: 'ok', windowS: durationS,
           falsePositives: inWindow.length,
           peerAliveEvents: alives.length - alivesBefore,
-          examples: inWindow.slice(0, 10).map((f) => ({ atS: round3((f.at - s0.t) / 1000), observer: f.observer, peer: f.peer })),
+          examples: inWindow.slice(0, 10).map((f) => ({ atS: round3((f.at - s0.t) / 1000), observer: names[f.observer], peer: f.peer })),
           peerFailedBeforeWindow: failedBefore,
+        })
+        // Joining is when a cluster is weakest: its false failures are a figure of their own.
+        const joining = failures.slice(0, failedBefore)
+        emit({
+          scenario: 'join-failures', ...base, status: 'ok', falseFailures: failedBefore,
+          untilMembership: failedUntilMembership, untilS: round3((s0.t - begun) / 1000),
+          observers: new Set(joining.map((f) => f.observer)).size, peers: new Set(joining.map((f) => f.peer)).size,
+          examples: joining.slice(0, 10).map((f) => ({ atS: round3((f.at - begun) / 1000), observer: names[f.observer], peer: f.peer })),
         })
       }
     }
   } finally {
+    clearInterval(rssSampler)
+    clearTimeout(s1Timer)
+    if (s1 !== null) await s1
     const stopped = await stopAll(gossipers)
     emit({ scenario: 'shutdown', ...base, status: stopped.timedOut ? 'timeout' : 'ok', ms: round1(stopped.ms) })
   }
@@ -448,7 +576,7 @@ async function runFailure(job, emit) {
   let target = null // { name, at, detections: Map(observer -> ms), resolve }
   const otherFailures = []
   const begun = now()
-  const observers = await startCluster(n - 1, interval)
+  const { gossipers: observers } = await startCluster(n - 1, interval)
   for (const g of observers) {
     g.on('peer_failed', (peer) => {
       const t = target

@@ -433,18 +433,22 @@ impl NativeGossiper {
     #[napi(ts_return_type = "Promise<string>")]
     pub fn start<'env>(&self, env: &'env Env) -> Result<Object<'env>> {
         let _runtime = runtime().enter();
-        let (_, mut named) = self.node.start(&self.listen).map_err(|e| {
+        let (known, mut named) = self.node.start(&self.listen).map_err(|e| {
             match env.throw_error(&e.message, Some(e.code)) {
                 Ok(()) => Error::new(Status::PendingException, e.message),
                 Err(error) => error,
             }
         })?;
         let (deferred, promise) = env.create_deferred()?;
+        // Known at once when no seed needs a lookup: no need to wait for a busy runtime.
+        if let Some(name) = known {
+            deferred.resolve(resolve_with(name));
+            return Ok(promise);
+        }
         runtime().spawn(async move {
             match named.wait_for(Option::is_some).await {
                 Ok(name) => {
-                    let name = name.clone().unwrap_or_default();
-                    deferred.resolve(move |_| Ok(name));
+                    deferred.resolve(resolve_with(name.clone().unwrap_or_default()));
                 }
                 Err(_) => deferred.reject(Error::new(
                     Status::GenericFailure,
@@ -652,4 +656,9 @@ impl NativeGossiper {
                 .collect(),
         }
     }
+}
+
+/// Resolves a deferred with a name; one type for both of `start`'s ways to resolve.
+fn resolve_with(name: String) -> impl FnOnce(Env) -> Result<String> {
+    move |_| Ok(name)
 }

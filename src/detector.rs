@@ -16,6 +16,11 @@
 //! peer that is never heard from again is still convicted in bounded time, and a young window
 //! holding one short interval (a heartbeat heard through two paths a moment apart) does not
 //! collapse the mean and convict a healthy peer.
+//!
+//! A peer heard of second-hand starts at [`PhiDetector::learned`]: silence counts from when *we*
+//! learned of it, against a mean of `UNCONFIRMED_MEAN_FACTOR` bootstrap intervals until its first
+//! rise (a grace for clusters that form slowly), and the time until that first rise is no
+//! interval (the heartbeat we learned may have been old already).
 
 use std::time::Duration;
 use tokio::time::Instant;
@@ -32,6 +37,10 @@ pub const WINDOW: usize = 1000;
 const BLOCK: u32 = 50;
 /// Full blocks kept besides the one filling, so the window never exceeds `WINDOW`.
 const BLOCKS: usize = WINDOW / BLOCK as usize - 1;
+
+/// A learned peer not yet seen to beat is judged on this many times the bootstrap interval: while
+/// a cluster forms, news of a node's first beats is slowest to arrive (bootstrap grace).
+const UNCONFIRMED_MEAN_FACTOR: f64 = 3.0;
 
 /// At most this many intervals enter the window per observed increase, so a long-partitioned
 /// peer's jump costs O(1).
@@ -68,12 +77,24 @@ pub struct PhiDetector {
     sum_ms: u64,
     len: u32,
     last_heartbeat: Option<Instant>,
+    /// Learned of, and no rise seen since: the next rise starts the intervals.
+    awaiting_first_rise: bool,
 }
 
 impl PhiDetector {
+    /// Starts watching a peer we just learned of, whose heartbeat we have not seen rise.
+    pub fn learned(&mut self, now: Instant) {
+        *self = PhiDetector {
+            last_heartbeat: Some(now),
+            awaiting_first_rise: true,
+            ..PhiDetector::default()
+        };
+    }
+
     /// Records that the heartbeat rose by `rise` (at least 1) at `now`.
     pub fn heartbeat(&mut self, now: Instant, rise: u64, config: &DetectorConfig) {
-        if let Some(last) = self.last_heartbeat {
+        let measured = !std::mem::take(&mut self.awaiting_first_rise);
+        if let (Some(last), true) = (self.last_heartbeat, measured) {
             let rise = rise.max(1);
             let per_beat = (now.saturating_duration_since(last) / rise.min(u32::MAX as u64) as u32)
                 .min(config.max_interval);
@@ -115,8 +136,12 @@ impl PhiDetector {
         let Some(last) = self.last_heartbeat else {
             return 0.0;
         };
-        let prior_ms = PRIOR_SAMPLES * config.bootstrap_interval.as_secs_f64() * 1000.0;
-        let mean_ms = (self.sum_ms as f64 + prior_ms) / (self.len as f64 + PRIOR_SAMPLES);
+        let bootstrap_ms = config.bootstrap_interval.as_secs_f64() * 1000.0;
+        let mean_ms = if self.awaiting_first_rise {
+            bootstrap_ms * UNCONFIRMED_MEAN_FACTOR
+        } else {
+            (self.sum_ms as f64 + PRIOR_SAMPLES * bootstrap_ms) / (self.len as f64 + PRIOR_SAMPLES)
+        };
         let silence_ms = now.saturating_duration_since(last).as_secs_f64() * 1000.0;
         LOG10_E * silence_ms / mean_ms.max(1.0)
     }
@@ -239,6 +264,22 @@ mod tests {
         assert_eq!(detector.window_len(), 0);
         assert!(detector.phi(start + Duration::from_secs(19), &config()) > 8.0);
         assert_eq!(PhiDetector::default().phi(start, &config()), 0.0);
+    }
+
+    #[test]
+    fn the_wait_for_a_learned_peers_first_rise_is_no_interval() {
+        let mut detector = PhiDetector::default();
+        let start = Instant::now();
+        detector.learned(start);
+        // Convicted from when we learned of it, at three bootstrap means, if it never beats.
+        assert!(detector.phi(start + Duration::from_secs(55), &config()) < 8.0);
+        assert!(detector.phi(start + Duration::from_secs(56), &config()) > 8.0);
+        // News of its next beat took 7 s to arrive: not a 7 s interval.
+        let first = start + Duration::from_secs(7);
+        detector.heartbeat(first, 1, &config());
+        assert_eq!(detector.window_len(), 0);
+        detector.heartbeat(first + Duration::from_secs(1), 1, &config());
+        assert_eq!(detector.mean_interval(), Some(Duration::from_secs(1)));
     }
 
     #[test]

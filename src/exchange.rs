@@ -18,7 +18,7 @@
 use crate::inbound::{self, Establish};
 use crate::node::Shared;
 use crate::peers::{Membership, Reach};
-use crate::protocol::{unix_ms, Cluster, Recipient, Suspicion, SynReply, Target};
+use crate::protocol::{unix_ms, Cluster, Recipient, Sent, Suspicion, SynReply, Target};
 use crate::seal::{self, Key, Stamp};
 use crate::transport::{Connection, Transport};
 use crate::wire::{self, Message, Rejection};
@@ -437,7 +437,6 @@ pub(crate) async fn exchange<T: Transport>(
         return;
     };
     let (membership, message) = compact.unzip();
-    let mut positions = membership.as_deref();
     let mut response = None;
     if let Some(message) = message {
         if send(shared, &mut link, &message).await.is_err() {
@@ -445,17 +444,25 @@ pub(crate) async fn exchange<T: Transport>(
         }
         response = receive(shared, &mut link).await;
     }
-    if positions.is_none() || matches!(response, Some((_, Message::NeedDigest))) {
-        let digest = shared.cluster().syn_digest();
-        if send(shared, &mut link, &Message::Syn { digest })
-            .await
-            .is_err()
-        {
+    let mut digest = None;
+    if membership.is_none() || matches!(response, Some((_, Message::NeedDigest))) {
+        let syn = Message::Syn {
+            digest: shared.cluster().syn_digest(),
+        };
+        if send(shared, &mut link, &syn).await.is_err() {
             return;
         }
         response = receive(shared, &mut link).await;
-        positions = None;
+        let Message::Syn { digest: sent } = syn else {
+            unreachable!("built above")
+        };
+        digest = Some(sent);
     }
+    // What the SynAck's heartbeats index into.
+    let sent = match (&digest, membership.as_deref()) {
+        (None, Some(membership)) => Sent::Compact(membership),
+        (digest, _) => Sent::Digest(digest.as_deref().unwrap_or_default()),
+    };
     let (from, reply) = match response {
         Some((
             from,
@@ -479,7 +486,7 @@ pub(crate) async fn exchange<T: Transport>(
         None => return unreachable(shared, &target),
     };
     let answers = absorb(shared, |cluster| {
-        cluster.handle_syn_ack(reply, positions, &from, Instant::now())
+        cluster.handle_syn_ack(reply, sent, &from, Instant::now())
     });
     if send(shared, &mut link, &Message::Ack { deltas: answers })
         .await

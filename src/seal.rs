@@ -454,8 +454,8 @@ mod tests {
     /// breaks peers.
     const GOLDEN: &str =
         "c101017b5024e5404142434445464748494a4b4c4d4e4f5051525354555657d43904fb1f0511168ff4863560\
-         4a405293b8aec0165f54927b23ee511c12348882f8a30df8a3b43ecf9cc4623be0e3c1ab5b7a7cc2b484b286\
-         d238da218875646a1aff71847b560e491e3f18af3d5425efcdda1519";
+         4a405293b8aec0165f54927b23ee511c12348882fba30df8a3b43ecf9cc4623be0e3c1ab5b7a7cc2b484b286\
+         d238da218875646a1aff718451906014037a39033430ea2ae1bd2154";
 
     fn golden_frame() -> BytesMut {
         let key = Key::new(counting_key());

@@ -48,6 +48,16 @@ pub struct NodeState {
     /// tombstone the owner has forgotten. Above `max_version` only while a replacement that did
     /// not fit in one frame is being completed.
     pub horizon: u64,
+    maps: Keys,
+}
+
+/// A node's keys, allocated once it has any: one process may hold a million views of peers,
+/// most of them without keys, and three empty maps take 80 bytes.
+#[derive(Clone, Debug, Default)]
+struct Keys(Option<Box<KeyMaps>>);
+
+#[derive(Clone, Debug, Default)]
+struct KeyMaps {
     kvs: HashMap<String, Versioned, FnvBuild>,
     /// The same keys ordered by version, so a delta costs what it carries, not the whole map.
     by_version: BTreeMap<u64, String>,
@@ -81,6 +91,27 @@ impl StateLimits {
         } else {
             None
         }
+    }
+}
+
+static NO_KEYS: KeyMaps = KeyMaps {
+    kvs: HashMap::with_hasher(FnvBuild::new()),
+    by_version: BTreeMap::new(),
+    tombstones: BTreeSet::new(),
+    bytes: 0,
+};
+
+impl std::ops::Deref for Keys {
+    type Target = KeyMaps;
+
+    fn deref(&self) -> &KeyMaps {
+        self.0.as_deref().unwrap_or(&NO_KEYS)
+    }
+}
+
+impl std::ops::DerefMut for Keys {
+    fn deref_mut(&mut self) -> &mut KeyMaps {
+        self.0.get_or_insert_with(Box::default)
     }
 }
 
@@ -118,44 +149,58 @@ impl NodeState {
     /// Writes `key` at `version`, a tombstone when `value` is empty.
     pub(crate) fn insert(&mut self, key: String, version: u64, value: Bytes) {
         if value.is_empty() {
-            self.tombstones.insert(version);
+            self.maps.tombstones.insert(version);
         }
-        self.bytes += value.len();
+        self.maps.bytes += value.len();
         let key_len = key.len();
-        match self.kvs.insert(key.clone(), Versioned { version, value }) {
+        match self
+            .maps
+            .kvs
+            .insert(key.clone(), Versioned { version, value })
+        {
             Some(old) => {
-                self.bytes -= old.value.len();
-                self.by_version.remove(&old.version);
+                self.maps.bytes -= old.value.len();
+                self.maps.by_version.remove(&old.version);
                 if !old.is_live() {
-                    self.tombstones.remove(&old.version);
+                    self.maps.tombstones.remove(&old.version);
                 }
             }
-            None => self.bytes += key_len,
+            None => self.maps.bytes += key_len,
         }
-        self.by_version.insert(version, key);
+        self.maps.by_version.insert(version, key);
         self.max_version = self.max_version.max(version);
     }
 
     /// How many entries, and bytes of keys and values, this state would hold with `key` set to
     /// a value of `value_len` bytes.
     pub(crate) fn size_with(&self, key: &str, value_len: usize) -> (usize, usize) {
-        match self.kvs.get(key) {
-            Some(old) => (self.kvs.len(), self.bytes - old.value.len() + value_len),
-            None => (self.kvs.len() + 1, self.bytes + key.len() + value_len),
+        match self.maps.kvs.get(key) {
+            Some(old) => (
+                self.maps.kvs.len(),
+                self.maps.bytes - old.value.len() + value_len,
+            ),
+            None => (
+                self.maps.kvs.len() + 1,
+                self.maps.bytes + key.len() + value_len,
+            ),
         }
     }
 
     /// The value of a live key.
     pub fn value(&self, key: &str) -> Option<&Bytes> {
-        self.kvs.get(key).filter(|v| v.is_live()).map(|v| &v.value)
+        self.maps
+            .kvs
+            .get(key)
+            .filter(|v| v.is_live())
+            .map(|v| &v.value)
     }
 
     /// Every live key and its value, oldest version first.
     pub(crate) fn into_live_entries(mut self) -> impl Iterator<Item = (String, Bytes)> {
-        std::mem::take(&mut self.by_version)
+        std::mem::take(&mut self.maps.by_version)
             .into_values()
             .filter_map(move |key| {
-                let value = self.kvs.remove(&key)?.value;
+                let value = self.maps.kvs.remove(&key)?.value;
                 (!value.is_empty()).then_some((key, value))
             })
     }
@@ -165,10 +210,12 @@ impl NodeState {
     /// was written again later, or is gone at a version this state has forgotten deletions up to
     /// (deleted since and collected); and no other key holds that version.
     pub(crate) fn admits(&self, kv: &KeyValue) -> bool {
-        match self.kvs.get(&kv.key) {
+        match self.maps.kvs.get(&kv.key) {
             Some(held) if held.version == kv.version => held.value == kv.value,
-            Some(held) => held.version > kv.version && !self.by_version.contains_key(&kv.version),
-            None => kv.version <= self.horizon && !self.by_version.contains_key(&kv.version),
+            Some(held) => {
+                held.version > kv.version && !self.maps.by_version.contains_key(&kv.version)
+            }
+            None => kv.version <= self.horizon && !self.maps.by_version.contains_key(&kv.version),
         }
     }
 
@@ -191,6 +238,7 @@ impl NodeState {
             .all(|kv| self.admits(kv))
             && (delta.from_version >= end
                 || self
+                    .maps
                     .by_version
                     .range(delta.from_version + 1..=end)
                     .all(|(version, _)| carried(version)))
@@ -198,9 +246,10 @@ impl NodeState {
 
     /// Live keys, oldest version first.
     pub fn keys(&self) -> Vec<String> {
-        self.by_version
+        self.maps
+            .by_version
             .iter()
-            .filter(|(version, _)| !self.tombstones.contains(version))
+            .filter(|(version, _)| !self.maps.tombstones.contains(version))
             .map(|(_, key)| key.clone())
             .collect()
     }
@@ -208,17 +257,17 @@ impl NodeState {
     /// Entries held, tombstones included: what a limit on keys must count.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.kvs.len()
+        self.maps.kvs.len()
     }
 
     #[cfg(test)]
     pub(crate) fn tombstone_count(&self) -> usize {
-        self.tombstones.len()
+        self.maps.tombstones.len()
     }
 
     #[cfg(test)]
     pub(crate) fn kvs_capacity(&self) -> usize {
-        self.kvs.capacity()
+        self.maps.kvs.capacity()
     }
 
     pub(crate) fn digest(&self, name: &str) -> DigestEntry {
@@ -233,20 +282,21 @@ impl NodeState {
 
     /// Forgets every tombstone at or below `version` and raises the horizon to it.
     pub(crate) fn collect_through(&mut self, version: u64) {
-        while let Some(&oldest) = self.tombstones.first() {
+        while let Some(&oldest) = self.maps.tombstones.first() {
             if oldest > version {
                 break;
             }
-            self.tombstones.pop_first();
-            if let Some(key) = self.by_version.remove(&oldest) {
-                self.kvs.remove(&key);
-                self.bytes -= key.len();
+            self.maps.tombstones.pop_first();
+            if let Some(key) = self.maps.by_version.remove(&oldest) {
+                self.maps.kvs.remove(&key);
+                self.maps.bytes -= key.len();
             }
         }
         self.horizon = self.horizon.max(version);
         // Churn of distinct keys would otherwise leave the map at its peak size.
-        if self.kvs.capacity() > 64 && self.kvs.len() * 4 < self.kvs.capacity() {
-            self.kvs.shrink_to(self.kvs.len() * 2);
+        if self.maps.kvs.capacity() > 64 && self.maps.kvs.len() * 4 < self.maps.kvs.capacity() {
+            let len = self.maps.kvs.len();
+            self.maps.kvs.shrink_to(len * 2);
         }
     }
 
@@ -277,10 +327,10 @@ impl NodeState {
     /// What this state holds at `version` alone (at least 1): the delta from `version - 1`,
     /// with the key written at `version` if it is still held there.
     pub(crate) fn at_version(&self, name: &str, version: u64) -> NodeDelta {
-        let kvs = self.by_version.get(&version).map(|key| KeyValue {
+        let kvs = self.maps.by_version.get(&version).map(|key| KeyValue {
             key: key.clone(),
             version,
-            value: self.kvs[key].value.clone(),
+            value: self.maps.kvs[key].value.clone(),
         });
         NodeDelta {
             name: name.to_owned(),
@@ -324,8 +374,8 @@ impl NodeState {
         let mut kvs = Vec::new();
         let mut to_version = self.max_version;
         let mut complete = true;
-        for (&version, key) in self.by_version.range(from_version + 1..) {
-            let value = &self.kvs[key].value;
+        for (&version, key) in self.maps.by_version.range(from_version + 1..) {
+            let value = &self.maps.kvs[key].value;
             let cost = wire::KEY_VALUE_BYTES + key.len() + value.len();
             if cost > budget.bytes || budget.keys == 0 {
                 to_version = kvs.last().map_or(from_version, |kv: &KeyValue| kv.version);
@@ -476,14 +526,14 @@ impl NodeState {
         same_generation: bool,
         changed: &mut impl FnMut(&str, Option<&[u8]>),
     ) {
-        for key in previous.by_version.values() {
-            if previous.value(key).is_some() && !self.kvs.contains_key(key) {
+        for key in previous.maps.by_version.values() {
+            if previous.value(key).is_some() && !self.maps.kvs.contains_key(key) {
                 changed(key, None);
             }
         }
-        for (&version, key) in &self.by_version {
-            let entry = &self.kvs[key];
-            let before = previous.kvs.get(key);
+        for (&version, key) in &self.maps.by_version {
+            let entry = &self.maps.kvs[key];
+            let before = previous.maps.kvs.get(key);
             let was_live = before.is_some_and(Versioned::is_live);
             if entry.is_live() {
                 if !same_generation || before.is_none_or(|b| b.version != version) {

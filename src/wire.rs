@@ -13,7 +13,7 @@ use serde::{de::IgnoredAny, Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// Bumped on any incompatible change; frames of another version are dropped and counted.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Versions, heartbeats and generations above this are refused: they could never be reached
 /// honestly, and accepting one would let a single bad frame shadow a real node forever.
@@ -147,7 +147,7 @@ pub enum Message {
     Syn { digest: Vec<DigestEntry> },
     /// The same digest without names or generations, for a responder that knows the same
     /// nodes: `versions` holds `heartbeat, max_version` per node, in the order of the sorted
-    /// membership whose hash is `membership_hash`.
+    /// membership whose hash is `membership_hash`. On the wire they are [`packed`](pack).
     CompactSyn {
         membership_hash: u64,
         versions: Vec<u64>,
@@ -163,8 +163,10 @@ pub enum Message {
     /// Responder → initiator, when its membership hash differs: send the named digest.
     NeedDigest,
     /// Responder → initiator: what the initiator lacks, and what the responder wants.
-    /// After a CompactSyn, newer heartbeats of nodes with nothing else new travel as
-    /// `index, heartbeat` pairs in `heartbeats` (indices into the sorted membership).
+    /// Newer heartbeats of nodes with nothing else new travel as `index, heartbeat` pairs in
+    /// `heartbeats`, indices rising: into the sorted membership after a CompactSyn, into the
+    /// digest after a Syn. On the wire they are [`packed`](pack), each index as the rise from
+    /// the previous one.
     SynAck {
         deltas: Vec<NodeDelta>,
         requests: Vec<Request>,
@@ -315,6 +317,153 @@ impl Rejection {
     }
 }
 
+/// A `bin` of unsigned LEB128 varints, 7 bits a byte: 1 byte below 128, 2 below 16384, 3 below
+/// about 2 million, where a MessagePack integer takes 5 from 65536 on. Heartbeats go as zigzag
+/// differences from the previous one in their list: nodes started about together beat about
+/// together, so a heartbeat costs a byte however long the cluster has run. A CompactSyn carries
+/// one per node each round.
+struct Packed(Vec<u8>);
+
+impl Serialize for Packed {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+fn pack(values: impl ExactSizeIterator<Item = u64>) -> Packed {
+    let mut out = Vec::with_capacity(values.len() * 2);
+    for mut value in values {
+        while value >= 0x80 {
+            out.push(value as u8 | 0x80);
+            value >>= 7;
+        }
+        out.push(value as u8);
+    }
+    Packed(out)
+}
+
+/// Reads packed varints: at most `max_values` of them, none longer than 8 bytes (a zigzag
+/// difference of two counters needs 55 bits), the last one complete.
+fn unpack(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
+    let mut values = Vec::with_capacity(bytes.len().min(max_values));
+    let mut value = 0u64;
+    let mut shift = 0;
+    for &byte in bytes {
+        if shift > 49 {
+            return Err(Rejection::OutOfBounds);
+        }
+        value |= u64::from(byte & 0x7f) << shift;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            if values.len() == max_values {
+                return Err(Rejection::OutOfBounds);
+            }
+            values.push(value);
+            value = 0;
+            shift = 0;
+        }
+    }
+    if shift != 0 {
+        return Err(Rejection::Malformed);
+    }
+    Ok(values)
+}
+
+/// `value - previous` as a zigzag number: 0, -1, 1, -2, 2 ... as 0, 1, 2, 3, 4 ...
+fn zigzag(value: u64, previous: u64) -> u64 {
+    let difference = value.wrapping_sub(previous) as i64;
+    ((difference << 1) ^ (difference >> 63)) as u64
+}
+
+/// The inverse of [`zigzag`], refusing what is not a counter.
+fn unzigzag(code: u64, previous: u64) -> Result<u64, Rejection> {
+    let difference = (code >> 1) as i64 ^ -((code & 1) as i64);
+    let value = previous
+        .checked_add_signed(difference)
+        .ok_or(Rejection::OutOfBounds)?;
+    check_counter(value)?;
+    Ok(value)
+}
+
+/// Packs pairs whose element `heartbeat_at` (0 or 1) is a heartbeat, sent as a difference from
+/// the previous pair's, and whose other element is sent as `other` returns it.
+fn pack_pairs(pairs: &[u64], heartbeat_at: usize, mut other: impl FnMut(u64) -> u64) -> Packed {
+    let mut heartbeat = 0;
+    pack(pairs.iter().enumerate().map(|(i, &value)| {
+        if i % 2 != heartbeat_at {
+            return other(value);
+        }
+        let code = zigzag(value, heartbeat);
+        heartbeat = value;
+        code
+    }))
+}
+
+/// Unpacks what [`pack_pairs`] packed, heartbeats restored and each other element as `other`
+/// restores it.
+fn unpack_pairs(
+    bytes: &[u8],
+    max_values: usize,
+    heartbeat_at: usize,
+    mut other: impl FnMut(u64) -> Result<u64, Rejection>,
+) -> Result<Vec<u64>, Rejection> {
+    let mut values = unpack(bytes, max_values)?;
+    let mut heartbeat = 0;
+    for (i, value) in values.iter_mut().enumerate() {
+        if i % 2 != heartbeat_at {
+            *value = other(*value)?;
+        } else {
+            heartbeat = unzigzag(*value, heartbeat)?;
+            *value = heartbeat;
+        }
+    }
+    Ok(values)
+}
+
+/// A CompactSyn's `heartbeat, max_version` pairs.
+fn pack_versions(versions: &[u64]) -> Packed {
+    pack_pairs(versions, 0, |max_version| max_version)
+}
+
+fn unpack_versions(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
+    unpack_pairs(bytes, max_values, 0, |max_version| {
+        check_counter(max_version)?;
+        Ok(max_version)
+    })
+}
+
+/// A SynAck's `index, heartbeat` pairs, sorted by index (a reply gathers them in several
+/// passes), each index sent as its rise from the previous one; of pairs naming one index, the
+/// highest heartbeat goes.
+fn pack_heartbeats(pairs: &[u64]) -> Packed {
+    let mut sorted: Vec<[u64; 2]> = pairs.chunks_exact(2).map(|p| [p[0], p[1]]).collect();
+    sorted.sort_unstable();
+    sorted.reverse();
+    sorted.dedup_by_key(|pair| pair[0]);
+    sorted.reverse();
+    let pairs = sorted.as_flattened();
+    let mut previous = 0;
+    pack_pairs(pairs, 1, |index| {
+        let rise = index.wrapping_sub(previous);
+        previous = index;
+        rise
+    })
+}
+
+/// The inverse of [`pack_heartbeats`]; indices that do not rise are malformed.
+fn unpack_heartbeats(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
+    let mut index = 0u64;
+    let mut first = true;
+    unpack_pairs(bytes, max_values, 1, |rise| {
+        if !std::mem::take(&mut first) && rise == 0 {
+            return Err(Rejection::Malformed);
+        }
+        index = index.checked_add(rise).ok_or(Rejection::OutOfBounds)?;
+        check_counter(index)?;
+        Ok(index)
+    })
+}
+
 pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
     let header = Header {
         version: PROTOCOL_VERSION,
@@ -326,7 +475,7 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
     let estimate = match message {
         Message::Syn { digest } => digest.len() * 32,
         Message::CompactSyn { versions, .. } | Message::CompactSynRange { versions, .. } => {
-            versions.len() * 5
+            versions.len() * 2
         }
         _ => 0,
     };
@@ -339,16 +488,19 @@ pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
             deltas,
             requests,
             heartbeats,
-        } => rmp_serde::encode::write(&mut out, &(deltas, requests, heartbeats)),
+        } => rmp_serde::encode::write(&mut out, &(deltas, requests, pack_heartbeats(heartbeats))),
         Message::CompactSyn {
             membership_hash,
             versions,
-        } => rmp_serde::encode::write(&mut out, &(membership_hash, versions)),
+        } => rmp_serde::encode::write(&mut out, &(membership_hash, pack_versions(versions))),
         Message::CompactSynRange {
             membership_hash,
             offset,
             versions,
-        } => rmp_serde::encode::write(&mut out, &(membership_hash, offset, versions)),
+        } => rmp_serde::encode::write(
+            &mut out,
+            &(membership_hash, offset, pack_versions(versions)),
+        ),
         Message::NeedDigest => rmp_serde::encode::write(&mut out, &()),
         Message::Suspect {
             name,
@@ -381,7 +533,7 @@ pub fn decode(
     }
     check_name(&header.from)?;
     KEYS_LEFT.set(Some(limits.max_keys_per_message));
-    let message = decode_payload(header.kind, &mut de);
+    let message = decode_payload(header.kind, &mut de, limits);
     KEYS_LEFT.set(Some(usize::MAX));
     let message = message?;
     if !de.get_ref().is_empty() {
@@ -391,19 +543,24 @@ pub fn decode(
     Ok((header.from, message))
 }
 
-fn decode_payload(kind: u8, de: &mut SliceDecoder<'_>) -> Result<Message, Rejection> {
+fn decode_payload(
+    kind: u8,
+    de: &mut SliceDecoder<'_>,
+    limits: &Limits,
+) -> Result<Message, Rejection> {
+    // Packed counters come in pairs, one pair a node.
+    let max_values = 2 * limits.max_peers_per_message;
     let message = match kind {
         1 => {
             let (digest,): (Vec<DigestEntry>,) = read(de)?;
             Message::Syn { digest }
         }
         2 => {
-            let (deltas, requests, heartbeats): (Vec<NodeDelta>, Vec<Request>, Vec<u64>) =
-                read(de)?;
+            let (deltas, requests, heartbeats): (Vec<NodeDelta>, Vec<Request>, Bytes) = read(de)?;
             Message::SynAck {
                 deltas,
                 requests,
-                heartbeats,
+                heartbeats: unpack_heartbeats(&heartbeats, max_values)?,
             }
         }
         3 => Message::Ack {
@@ -414,10 +571,10 @@ fn decode_payload(kind: u8, de: &mut SliceDecoder<'_>) -> Result<Message, Reject
             Message::Push { deltas, forward_to }
         }
         5 => {
-            let (membership_hash, versions): (u64, Vec<u64>) = read(de)?;
+            let (membership_hash, versions): (u64, Bytes) = read(de)?;
             Message::CompactSyn {
                 membership_hash,
-                versions,
+                versions: unpack_versions(&versions, max_values)?,
             }
         }
         6 => {
@@ -435,11 +592,11 @@ fn decode_payload(kind: u8, de: &mut SliceDecoder<'_>) -> Result<Message, Reject
             }
         }
         8 => {
-            let (membership_hash, offset, versions): (u64, u64, Vec<u64>) = read(de)?;
+            let (membership_hash, offset, versions): (u64, u64, Bytes) = read(de)?;
             Message::CompactSynRange {
                 membership_hash,
                 offset,
-                versions,
+                versions: unpack_versions(&versions, max_values)?,
             }
         }
         _ => return Err(Rejection::UnknownKind),
@@ -663,24 +820,24 @@ mod tests {
     use super::*;
 
     const GOLDEN: [&str; 8] = [
-        "9401a163ad31302e302e302e313a3930303001919194ad31302e302e302e313a39303030010203",
-        "9401a163ad31302e302e302e313a3930303002939197ad31302e302e302e323a3930303107030002c29193a1\
-         6b02c402a1769193ad31302e302e302e313a3930303001009200cd012c",
-        "9401a163ad31302e302e302e313a3930303003919197ad31302e302e302e323a3930303107030002c29193a1\
+        "9402a163ad31302e302e302e313a3930303001919194ad31302e302e302e313a39303030010203",
+        "9402a163ad31302e302e302e313a3930303002939197ad31302e302e302e323a3930303107030002c29193a1\
+         6b02c402a1769193ad31302e302e302e313a393030300100c40300d804",
+        "9402a163ad31302e302e302e313a3930303003919197ad31302e302e302e323a3930303107030002c29193a1\
          6b02c402a176",
-        "9401a163ad31302e302e302e313a3930303004929091aa5b3a3a315d3a39303032",
-        "9401a163ad31302e302e302e313a393030300592cffffffffffffffffe940c00ce0001117003",
-        "9401a163ad31302e302e302e313a3930303006c0",
-        "9401a163ad31302e302e302e313a393030300794ad31302e302e302e323a39303031070390",
-        "9401a163ad31302e302e302e313a39303030089305cd012c9409010c00",
+        "9402a163ad31302e302e302e313a3930303004929091aa5b3a3a315d3a39303032",
+        "9402a163ad31302e302e302e313a393030300592cffffffffffffffffec4061800c8c50803",
+        "9402a163ad31302e302e302e313a3930303006c0",
+        "9402a163ad31302e302e302e313a393030300794ad31302e302e302e323a39303031070390",
+        "9402a163ad31302e302e302e313a39303030089305cd012cc40412010600",
     ];
 
     /// The same for what deletion added: a tombstone (an empty value) and the trailing horizon
     /// of a NodeDelta, a DigestEntry and a Request, present when not 0.
     const GOLDEN_DELETION: [&str; 2] = [
-        "9401a163ad31302e302e302e313a3930303001919195ad31302e302e302e323a3930303107030204",
-        "9401a163ad31302e302e302e313a3930303002939198ad31302e302e302e323a3930303107030205c29193a1\
-         6b05c400039194ad31302e302e302e323a3930303107020490",
+        "9402a163ad31302e302e302e313a3930303001919195ad31302e302e302e323a3930303107030204",
+        "9402a163ad31302e302e302e313a3930303002939198ad31302e302e302e323a3930303107030205c29193a1\
+         6b05c400039194ad31302e302e302e323a39303031070204c400",
     ];
 
     fn hex(bytes: &[u8]) -> String {
@@ -797,7 +954,7 @@ mod tests {
         ]
     }
 
-    /// Fixed bytes for every message kind of protocol version 1: a change here breaks peers.
+    /// Fixed bytes for every message kind of protocol version 2: a change here breaks peers.
     #[test]
     fn golden_encodings() {
         let encoded = |samples: Vec<Message>| -> Vec<String> {
@@ -839,7 +996,7 @@ mod tests {
         rmp_serde::encode::write(
             &mut other,
             &Header {
-                version: 1,
+                version: PROTOCOL_VERSION,
                 cluster: "a".into(),
                 from: "10.0.0.1:9000".into(),
                 kind: 42,
@@ -849,6 +1006,42 @@ mod tests {
         assert_eq!(
             decode(&frame(&other), "a", &Limits::default()),
             Err(Rejection::UnknownKind)
+        );
+    }
+
+    #[test]
+    fn packed_counters_are_bounded_and_complete() {
+        let limit = 4;
+        let packed = pack([0, 127, 128, MAX_COUNTER].into_iter()).0;
+        assert_eq!(hex(&packed), "007f80018080808080808010");
+        assert_eq!(unpack(&packed, limit), Ok(vec![0, 127, 128, MAX_COUNTER]));
+        assert_eq!(unpack(&packed, limit - 1), Err(Rejection::OutOfBounds));
+        // Cut in the middle of a varint; longer than any counter or difference of two.
+        assert_eq!(unpack(&[0x80], limit), Err(Rejection::Malformed));
+        assert_eq!(unpack(&[0xff; 9], limit), Err(Rejection::OutOfBounds));
+
+        // Heartbeats go as differences: nodes that beat together cost a byte each, however
+        // long they have run.
+        let versions = [1_000_000, 0, 1_000_002, 5, 999_999, 0];
+        let packed = pack_versions(&versions).0;
+        assert_eq!(hex(&packed), "80897a0004050500");
+        assert_eq!(unpack_versions(&packed, 6), Ok(versions.to_vec()));
+        // A heartbeat below 0 or above MAX_COUNTER, a max version above it: refused.
+        let below = pack([zigzag(0, 1), 0].into_iter()).0;
+        let above = pack([zigzag(MAX_COUNTER + 1, 0), 0].into_iter()).0;
+        let max_above = pack([0, MAX_COUNTER + 1].into_iter()).0;
+        for packed in [below, above, max_above] {
+            assert_eq!(unpack_versions(&packed, 2), Err(Rejection::OutOfBounds));
+        }
+
+        // In a SynAck, indices go as rises; one that does not rise is refused.
+        let pairs = [3, 100, 4, 107, 90, 101];
+        let packed = pack_heartbeats(&pairs).0;
+        assert_eq!(hex(&packed), "03c801010e560b");
+        assert_eq!(unpack_heartbeats(&packed, 6), Ok(pairs.to_vec()));
+        assert_eq!(
+            unpack_heartbeats(&[3, 2, 0, 2], 4),
+            Err(Rejection::Malformed)
         );
     }
 
