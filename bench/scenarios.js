@@ -157,14 +157,25 @@ async function within(promise, ms) {
 
 function sumStats(gossipers) {
   let bytesSent = 0, messagesSent = 0, connectFailures = 0, rejected = 0
+  const reasons = {}
   for (const g of gossipers) {
     const s = g.stats()
     bytesSent += s.bytesSent
     messagesSent += s.messagesSent
     connectFailures += s.connectFailures
-    for (const count of Object.values(s.rejected)) rejected += count
+    for (const [reason, count] of Object.entries(s.rejected)) {
+      rejected += count
+      reasons[reason] = (reasons[reason] ?? 0) + count
+    }
   }
-  return { bytesSent, messagesSent, connectFailures, rejected }
+  return { bytesSent, messagesSent, connectFailures, rejected, reasons }
+}
+
+/** Frames dropped between two `sumStats`, by reason, the reasons that dropped none left out. */
+function rejectedBetween(a, b) {
+  return Object.fromEntries(Object.entries(b.reasons ?? {})
+    .map(([reason, count]) => [reason, count - (a.reasons?.[reason] ?? 0)])
+    .filter(([, count]) => count > 0))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -231,6 +242,8 @@ async function runCluster(job, emit) {
       cpuCores: round3(((b.cpu.user - a.cpu.user) + (b.cpu.system - a.cpu.system)) / 1e6 / seconds),
       bytesPerNodePerSec: round1((b.stats.bytesSent - a.stats.bytesSent) / n / seconds),
       messagesPerNodePerSec: round3((b.stats.messagesSent - a.stats.messagesSent) / n / seconds),
+      connectFailures: b.stats.connectFailures - (a.stats.connectFailures ?? 0),
+      rejected: rejectedBetween(a.stats, b.stats),
     }
   }
 

@@ -10,6 +10,7 @@
 use crate::detector::PhiDetector;
 use crate::store::NodeState;
 use std::collections::HashMap;
+use std::hash::Hasher;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -122,12 +123,15 @@ impl PeerTable {
     }
 }
 /// A name heard of second-hand, as first heard: it becomes a peer when heard from directly, or
-/// when its heartbeat is heard higher at least `Candidates::min_wait` later.
+/// when at least `Candidates::min_wait` later its heartbeat is heard higher or, while it is
+/// young, another node reports it too.
 #[derive(Clone, Copy, Debug)]
 struct Candidate {
     generation: u64,
     heartbeat: u64,
     heard_at: Instant,
+    /// Who reported it first (a hash of the name: candidates must stay small).
+    reporter: u64,
 }
 
 /// Names heard of but not yet trusted: a few dozen bytes each, never contacted, never shown,
@@ -166,25 +170,36 @@ impl Candidates {
         }
     }
 
-    /// Notes a report of `name` at `generation` and `heartbeat`.
+    /// Notes a report of `name` at `generation` and `heartbeat` by `reporter`. A second
+    /// reporter confirms a `young` node (one that started moments ago): while a cluster forms,
+    /// everyone's news of a node's heartbeat is the same few beats, and waiting for a higher one
+    /// to spread kept the last pairs of a 1000-node cluster apart for several rounds.
     pub(crate) fn hear(
         &mut self,
         name: &str,
         generation: u64,
         heartbeat: u64,
+        reporter: &str,
+        young: bool,
         now: Instant,
     ) -> Heard {
+        let reporter = {
+            let mut hasher = FnvHasher::default();
+            hasher.write(reporter.as_bytes());
+            hasher.finish()
+        };
         let first = Candidate {
             generation,
             heartbeat,
             heard_at: now,
+            reporter,
         };
         let full = self.table.len() >= self.capacity;
         match self.table.get_mut(name) {
             Some(known) if generation > known.generation => *known = first,
             Some(known)
                 if generation == known.generation
-                    && heartbeat > known.heartbeat
+                    && (heartbeat > known.heartbeat || young && reporter != known.reporter)
                     && now.saturating_duration_since(known.heard_at) >= self.min_wait =>
             {
                 self.table.remove(name);
@@ -314,18 +329,18 @@ mod candidate_tests {
         let now = Instant::now();
         let mut candidates =
             Candidates::new(2, Duration::from_millis(500), Duration::from_secs(10));
-        assert_eq!(candidates.hear("a", 5, 10, now), Heard::Noted);
+        assert_eq!(candidates.hear("a", 5, 10, "r", false, now), Heard::Noted);
         // The same heartbeat, or a rise heard too soon, confirms nothing.
         assert_eq!(
-            candidates.hear("a", 5, 10, now + Duration::from_secs(1)),
+            candidates.hear("a", 5, 10, "r", false, now + Duration::from_secs(1)),
             Heard::Noted
         );
         assert_eq!(
-            candidates.hear("a", 5, 11, now + Duration::from_millis(100)),
+            candidates.hear("a", 5, 11, "r", false, now + Duration::from_millis(100)),
             Heard::Noted
         );
         assert_eq!(
-            candidates.hear("a", 5, 11, now + Duration::from_millis(600)),
+            candidates.hear("a", 5, 11, "r", false, now + Duration::from_millis(600)),
             Heard::Confirmed {
                 generation: 5,
                 heartbeat: 11
@@ -333,20 +348,45 @@ mod candidate_tests {
         );
         assert_eq!(candidates.len(), 0);
         // A new generation starts over; an older one changes nothing.
-        candidates.hear("b", 5, 10, now);
-        candidates.hear("b", 6, 1, now + Duration::from_secs(1));
+        candidates.hear("b", 5, 10, "r", false, now);
+        candidates.hear("b", 6, 1, "r", false, now + Duration::from_secs(1));
         assert_eq!(
-            candidates.hear("b", 5, 99, now + Duration::from_secs(2)),
+            candidates.hear("b", 5, 99, "r", false, now + Duration::from_secs(2)),
             Heard::Noted
         );
         assert_eq!(
-            candidates.hear("b", 6, 2, now + Duration::from_millis(1200)),
+            candidates.hear("b", 6, 2, "r", false, now + Duration::from_millis(1200)),
             Heard::Noted
         );
         assert!(matches!(
-            candidates.hear("b", 6, 2, now + Duration::from_secs(2)),
+            candidates.hear("b", 6, 2, "r", false, now + Duration::from_secs(2)),
             Heard::Confirmed { generation: 6, .. }
         ));
+    }
+
+    #[test]
+    fn a_young_candidate_is_confirmed_by_a_second_reporter_over_time() {
+        let now = Instant::now();
+        let later = now + Duration::from_millis(600);
+        let mut candidates =
+            Candidates::new(4, Duration::from_millis(500), Duration::from_secs(10));
+        candidates.hear("a", 5, 10, "r", true, now);
+        // The same reporter again, or another one too soon, confirms nothing.
+        assert_eq!(candidates.hear("a", 5, 10, "r", true, later), Heard::Noted);
+        assert_eq!(
+            candidates.hear("a", 5, 10, "s", true, now + Duration::from_millis(100)),
+            Heard::Noted
+        );
+        assert_eq!(
+            candidates.hear("a", 5, 10, "s", true, later),
+            Heard::Confirmed {
+                generation: 5,
+                heartbeat: 10
+            }
+        );
+        // A node that is not young needs its heartbeat to rise, whoever reports it.
+        candidates.hear("b", 5, 10, "r", false, now);
+        assert_eq!(candidates.hear("b", 5, 10, "s", false, later), Heard::Noted);
     }
 
     #[test]
@@ -354,12 +394,12 @@ mod candidate_tests {
         let now = Instant::now();
         let mut candidates =
             Candidates::new(2, Duration::from_millis(500), Duration::from_secs(10));
-        candidates.hear("a", 1, 1, now);
-        candidates.hear("b", 1, 1, now + Duration::from_secs(5));
-        assert_eq!(candidates.hear("c", 1, 1, now), Heard::Refused);
+        candidates.hear("a", 1, 1, "r", false, now);
+        candidates.hear("b", 1, 1, "r", false, now + Duration::from_secs(5));
+        assert_eq!(candidates.hear("c", 1, 1, "r", false, now), Heard::Refused);
         candidates.expire(now + Duration::from_secs(10));
         assert_eq!(candidates.len(), 1);
-        assert_eq!(candidates.hear("c", 1, 1, now), Heard::Noted);
+        assert_eq!(candidates.hear("c", 1, 1, "r", false, now), Heard::Noted);
         assert_eq!(candidates.take("b"), Some((1, 1)));
         assert_eq!(candidates.take("b"), None);
     }

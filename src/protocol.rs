@@ -101,6 +101,10 @@ const ANNOUNCERS: f64 = 32.0;
 /// Gossip intervals a name heard of second-hand waits for confirmation before it is dropped.
 const CANDIDATE_ROUNDS: u32 = 10;
 
+/// Gossip intervals after its start during which a node heard of second-hand is confirmed by a
+/// second reporter, without waiting for its heartbeat to rise (see `Candidates::hear`).
+const YOUNG_ROUNDS: u32 = 30;
+
 /// Heartbeats a node can honestly add per millisecond of its generation: one per gossip round,
 /// and no round is shorter than 1 ms.
 const BEATS_PER_MS: u64 = 1;
@@ -697,9 +701,15 @@ impl Cluster {
         self.peers.slot(name)
     }
 
+    /// How recent a generation must be for a node to count as young: one that started within
+    /// `YOUNG_ROUNDS` rounds (by our clock and its own).
+    fn young_ms(&self) -> u64 {
+        (self.settings.gossip_interval * YOUNG_ROUNDS).as_millis() as u64
+    }
+
     /// A report of `name`, which is no peer, at `generation` and `heartbeat`. From `name`
     /// itself it is admitted at once; from anyone else it is noted as a candidate, and admitted
-    /// once its heartbeat has risen over time. Returns its slot once it is a peer.
+    /// once corroborated over time (see `Candidates::hear`). Returns its slot once it is a peer.
     fn hear_of(
         &mut self,
         name: &str,
@@ -712,7 +722,11 @@ impl Cluster {
             self.candidates.forget(name);
             return self.admit(name, generation, heartbeat, now);
         }
-        match self.candidates.hear(name, generation, heartbeat, now) {
+        let young = generation >= unix_ms().saturating_sub(self.young_ms());
+        match self
+            .candidates
+            .hear(name, generation, heartbeat, from, young, now)
+        {
             Heard::Confirmed {
                 generation,
                 heartbeat,
