@@ -657,10 +657,22 @@ fn bounded_key_values<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<Key
 }
 
 /// A node name is the canonical text of a socket address, so that one node has one name.
+/// Every name of every digest passes here, so IPv4 names are checked without formatting them
+/// again: the parser takes octets only without leading zeros, which leaves the port as the one
+/// part that could be written another way.
 pub fn check_name(name: &str) -> Result<(), Rejection> {
-    match name.parse::<SocketAddr>() {
-        Ok(addr) if addr.port() != 0 && addr.to_string() == name => Ok(()),
-        _ => Err(Rejection::BadName),
+    let canonical = match name.parse::<SocketAddr>() {
+        Ok(SocketAddr::V4(addr)) => {
+            let port = name.rsplit(':').next().unwrap_or_default();
+            addr.port() != 0 && !port.starts_with('0')
+        }
+        Ok(addr) => addr.port() != 0 && addr.to_string() == name,
+        Err(_) => false,
+    };
+    if canonical {
+        Ok(())
+    } else {
+        Err(Rejection::BadName)
     }
 }
 
@@ -1324,7 +1336,12 @@ mod tests {
             "127.0.0.1",
             "127.0.0.1:0",
             "127.000.0.1:1",
+            "127.0.0.01:1",
+            "127.0.0.1:09000",
+            "127.0.0.1:+9000",
             "[::1]",
+            "[::01]:1",
+            "[0:0:0:0:0:0:0:1]:1",
             "::1:80",
             "h:1",
         ] {
