@@ -420,16 +420,43 @@ fn unpack_pairs(
     Ok(values)
 }
 
-/// A CompactSyn's `heartbeat, max_version` pairs.
+/// A compact digest's `heartbeat, max_version` pairs, a member each: its heartbeat's zigzag
+/// difference from the previous member's, doubled, plus 1 when a max version follows (one that
+/// is not 0). A member without keys, as most are in a membership-only cluster, costs a byte.
 fn pack_versions(versions: &[u64]) -> Packed {
-    pack_pairs(versions, 0, |max_version| max_version)
+    let mut previous = 0;
+    let mut codes = Vec::with_capacity(versions.len());
+    for pair in versions.chunks_exact(2) {
+        let [heartbeat, max_version] = [pair[0], pair[1]];
+        codes.push(zigzag(heartbeat, previous) << 1 | u64::from(max_version != 0));
+        if max_version != 0 {
+            codes.push(max_version);
+        }
+        previous = heartbeat;
+    }
+    pack(codes.into_iter())
 }
 
+/// The inverse of [`pack_versions`]: at most `max_values` numbers, pairs restored. A max
+/// version flagged but missing, or flagged and 0, is malformed: each digest has one encoding.
 fn unpack_versions(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
-    unpack_pairs(bytes, max_values, 0, |max_version| {
+    let codes = unpack(bytes, max_values)?;
+    let mut versions = Vec::with_capacity(codes.len() * 2);
+    let mut codes = codes.into_iter();
+    let mut heartbeat = 0;
+    while let Some(code) = codes.next() {
+        heartbeat = unzigzag(code >> 1, heartbeat)?;
+        let max_version = match code & 1 {
+            0 => 0,
+            _ => match codes.next() {
+                Some(0) | None => return Err(Rejection::Malformed),
+                Some(max_version) => max_version,
+            },
+        };
         check_counter(max_version)?;
-        Ok(max_version)
-    })
+        versions.extend([heartbeat, max_version]);
+    }
+    Ok(versions)
 }
 
 /// A SynAck's `index, heartbeat` pairs, sorted by index (a reply gathers them in several
@@ -838,10 +865,10 @@ mod tests {
         "9402a163ad31302e302e302e313a3930303003919197ad31302e302e302e323a3930303107030002c29193a1\
          6b02c402a176",
         "9402a163ad31302e302e302e313a3930303004929091aa5b3a3a315d3a39303032",
-        "9402a163ad31302e302e302e313a393030300592cffffffffffffffffec4061800c8c50803",
+        "9402a163ad31302e302e302e313a393030300592cffffffffffffffffec40530918b1103",
         "9402a163ad31302e302e302e313a3930303006c0",
         "9402a163ad31302e302e302e313a393030300794ad31302e302e302e323a39303031070390",
-        "9402a163ad31302e302e302e313a39303030089305cd012cc40412010600",
+        "9402a163ad31302e302e302e313a39303030089305cd012cc40325010c",
     ];
 
     /// The same for what deletion added: a tombstone (an empty value) and the trailing horizon
@@ -1033,17 +1060,22 @@ mod tests {
         assert_eq!(unpack(&[0xff; 9], limit), Err(Rejection::OutOfBounds));
 
         // Heartbeats go as differences: nodes that beat together cost a byte each, however
-        // long they have run.
+        // long they have run, and a max version only when it is not 0.
         let versions = [1_000_000, 0, 1_000_002, 5, 999_999, 0];
         let packed = pack_versions(&versions).0;
-        assert_eq!(hex(&packed), "80897a0004050500");
+        assert_eq!(hex(&packed), "8092f40109050a");
         assert_eq!(unpack_versions(&packed, 6), Ok(versions.to_vec()));
         // A heartbeat below 0 or above MAX_COUNTER, a max version above it: refused.
-        let below = pack([zigzag(0, 1), 0].into_iter()).0;
-        let above = pack([zigzag(MAX_COUNTER + 1, 0), 0].into_iter()).0;
-        let max_above = pack([0, MAX_COUNTER + 1].into_iter()).0;
+        let below = pack([zigzag(0, 1) << 1].into_iter()).0;
+        let above = pack([zigzag(MAX_COUNTER + 1, 0) << 1].into_iter()).0;
+        let max_above = pack([1, MAX_COUNTER + 1].into_iter()).0;
         for packed in [below, above, max_above] {
             assert_eq!(unpack_versions(&packed, 2), Err(Rejection::OutOfBounds));
+        }
+        // A max version flagged and missing, or flagged and 0 (a second encoding): refused.
+        for codes in [vec![1], vec![1, 0]] {
+            let packed = pack(codes.into_iter()).0;
+            assert_eq!(unpack_versions(&packed, 2), Err(Rejection::Malformed));
         }
 
         // In a SynAck, indices go as rises; one that does not rise is refused.
