@@ -1,0 +1,325 @@
+//! Exchanges over datagrams: a compact digest that fits in one datagram goes to a live peer by
+//! UDP, and the SynAck and Ack come back the same way, so a steady cluster's rounds open no
+//! connection. Anything else (a digest or an answer too large, a membership that differs, a
+//! datagram lost) falls back at once to the exchange over a connection, which always works.
+//!
+//! A datagram is one whole frame, sealed exactly as on a connection: each datagram exchange is a
+//! [`Session`] of its own, so its first frame is remembered against replay and each reply must
+//! answer the frame before it. Invariants: a datagram is answered only when it comes from a
+//! live peer, and the answer goes to the address in the sender's name, never to the datagram's
+//! source; a reply is taken only when it answers a frame we sent that peer within the wait
+//! ([`Datagrams::wait`]); the work a datagram causes is bounded by its size, and the tables of
+//! exchanges under way hold at most one entry per peer.
+
+use crate::exchange::{self, Session};
+use crate::node::Shared;
+use crate::peers::Membership;
+use crate::protocol::{Sent, SynReply};
+use crate::transport::{Datagram, Transport};
+use crate::wire::{self, Message, Rejection};
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Gossip rounds for which a peer whose datagrams went unanswered is reached by connection
+/// only, so that a network that drops UDP costs a wait once in this many rounds.
+const QUIET_ROUNDS: u32 = 10;
+
+/// A node's datagram socket and the exchanges under way on it; made anew for each incarnation.
+pub(crate) struct Datagrams<D> {
+    socket: D,
+    /// Exchanges we started, by peer, waiting for its SynAck or NeedDigest.
+    started: Mutex<HashMap<String, Started>>,
+    /// Exchanges we answered with a SynAck, by peer, waiting for the Ack.
+    answered: Mutex<HashMap<String, Answered>>,
+    /// Peers reached by connection only until then.
+    quiet: Mutex<HashMap<String, Instant>>,
+}
+
+struct Started {
+    session: Session,
+    reply: oneshot::Sender<(Session, Message)>,
+}
+
+struct Answered {
+    session: Session,
+    until: Instant,
+}
+
+fn lock<M>(mutex: &Mutex<M>) -> MutexGuard<'_, M> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<D: Datagram> Datagrams<D> {
+    pub(crate) fn new(socket: D) -> Self {
+        Datagrams {
+            socket,
+            started: Mutex::default(),
+            answered: Mutex::default(),
+            quiet: Mutex::default(),
+        }
+    }
+
+    /// How long a datagram waits for its answer: short of half a round, so that the fallback
+    /// still completes within the round.
+    fn wait<T: Transport>(shared: &Shared<T>) -> Duration {
+        let settings = &shared.settings;
+        settings.idle_timeout.min(settings.gossip_interval / 2)
+    }
+
+    fn is_quiet(&self, name: &str, now: Instant) -> bool {
+        lock(&self.quiet).get(name).is_some_and(|&until| now < until)
+    }
+
+    fn make_quiet<T: Transport>(&self, shared: &Shared<T>, name: &str, now: Instant) {
+        let mut quiet = lock(&self.quiet);
+        quiet.retain(|_, until| now < *until);
+        quiet.insert(
+            name.to_owned(),
+            now + shared.settings.gossip_interval * QUIET_ROUNDS,
+        );
+    }
+
+    /// Sends one frame, counted like a frame on a connection (without the length it lacks).
+    async fn send<T: Transport>(&self, shared: &Shared<T>, frame: Bytes, to: SocketAddr) -> bool {
+        let counters = &shared.counters;
+        counters.messages_sent.fetch_add(1, Relaxed);
+        counters
+            .bytes_sent
+            .fetch_add(frame.len() as u64, Relaxed);
+        let sent = self.socket.send_to(frame, to).await.is_ok();
+        if !sent {
+            counters.send_failures.fetch_add(1, Relaxed);
+        }
+        sent
+    }
+}
+
+/// How an exchange goes on after its attempt over datagrams.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Outcome {
+    /// It completed.
+    Done,
+    /// Over a connection, from the compact digest (datagrams were not tried, or not answered).
+    Compact,
+    /// Over a connection, from the named digest: the peer's membership differs from ours.
+    Named,
+}
+
+/// Initiator side: sends the compact `message` (built on `membership`) to the live peer `name`
+/// when it fits in a datagram, and completes the exchange by datagram when the answers fit too.
+pub(crate) async fn exchange<T: Transport>(
+    shared: &Shared<T>,
+    datagrams: &Datagrams<T::Datagram>,
+    name: &str,
+    membership: &Membership,
+    message: &Message,
+) -> Outcome {
+    let now = Instant::now();
+    let Ok(address) = name.parse::<SocketAddr>() else {
+        return Outcome::Compact;
+    };
+    if datagrams.is_quiet(name, now) || !shared.cluster().is_live_peer(name) {
+        return Outcome::Compact;
+    }
+    let max_bytes = shared.settings.max_datagram_bytes;
+    let mut session = Session::opened(shared, Some(name));
+    let frame = session.frame(shared, message);
+    if frame.len() > max_bytes {
+        return Outcome::Compact;
+    }
+    let (reply, replied) = oneshot::channel();
+    {
+        let mut started = lock(&datagrams.started);
+        // The last round's exchange with this peer is still waiting: this one takes a connection.
+        if started.contains_key(name) {
+            return Outcome::Compact;
+        }
+        started.insert(name.to_owned(), Started { session, reply });
+    }
+    if !datagrams.send(shared, frame, address).await {
+        lock(&datagrams.started).remove(name);
+        return Outcome::Compact;
+    }
+    let Ok(Ok((mut session, answer))) = timeout(Datagrams::<T::Datagram>::wait(shared), replied).await
+    else {
+        lock(&datagrams.started).remove(name);
+        datagrams.make_quiet(shared, name, Instant::now());
+        return Outcome::Compact;
+    };
+    let reply = match answer {
+        Message::SynAck {
+            deltas,
+            requests,
+            heartbeats,
+        } => SynReply {
+            deltas,
+            requests,
+            heartbeats,
+        },
+        Message::NeedDigest => return Outcome::Named,
+        _ => unreachable!("only SynAck and NeedDigest are handed to the initiator"),
+    };
+    let answers = exchange::absorb(shared, |cluster| {
+        cluster.handle_syn_ack(reply, Sent::Compact(membership), name, Instant::now())
+    });
+    if !answers.is_empty() {
+        let frame = session.frame(shared, &Message::Ack { deltas: answers });
+        // The exchange over a connection asks again and carries them.
+        if frame.len() > max_bytes || !datagrams.send(shared, frame, address).await {
+            return Outcome::Compact;
+        }
+    }
+    let counters = &shared.counters;
+    counters.exchanges.fetch_add(1, Relaxed);
+    counters.datagram_exchanges.fetch_add(1, Relaxed);
+    Outcome::Done
+}
+
+/// Receives the node's datagrams until cancelled, and handles each in turn.
+pub(crate) async fn receive_loop<T: Transport>(
+    shared: Arc<Shared<T>>,
+    datagrams: Arc<Datagrams<T::Datagram>>,
+    cancel: CancellationToken,
+) {
+    let max_bytes = shared.settings.max_datagram_bytes;
+    // One byte more than the largest datagram we take tells a longer one apart.
+    let mut buffer = vec![0u8; max_bytes + 1];
+    let counters = &shared.counters;
+    loop {
+        let received = tokio::select! {
+            _ = cancel.cancelled() => return,
+            received = datagrams.socket.recv_from(&mut buffer) => received,
+        };
+        let Ok((len, _source)) = received else {
+            // A transient error of the socket: keep receiving, without spinning.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        counters.messages_received.fetch_add(1, Relaxed);
+        counters.bytes_received.fetch_add(len as u64, Relaxed);
+        let handled = if len > max_bytes {
+            Err(Rejection::Oversized)
+        } else {
+            handle(&shared, &datagrams, BytesMut::from(&buffer[..len])).await
+        };
+        if let Err(reason) = handled {
+            counters.reject(reason);
+        }
+    }
+}
+
+/// Opens, decodes and acts on one datagram.
+async fn handle<T: Transport>(
+    shared: &Shared<T>,
+    datagrams: &Datagrams<T::Datagram>,
+    mut frame: BytesMut,
+) -> Result<(), Rejection> {
+    let opened = exchange::open(shared, &mut frame)?;
+    let settings = &shared.settings;
+    let (from, message) = wire::decode(&frame, &settings.cluster_name, &settings.limits)?;
+    match message {
+        Message::CompactSyn { .. } | Message::CompactSynRange { .. } => {
+            // A datagram exchange is always started by name: an unbound digest is not ours.
+            if opened.as_ref().is_some_and(|o| o.stamp.recipient == 0) {
+                return Err(Rejection::Replayed);
+            }
+            if !shared.cluster().is_live_peer(&from) {
+                return Err(Rejection::Unsolicited);
+            }
+            let mut session = Session::accepted();
+            session.settle(shared, opened, &from)?;
+            answer(shared, datagrams, session, from, message).await;
+            Ok(())
+        }
+        Message::SynAck { .. } | Message::NeedDigest => {
+            let mut started = lock(&datagrams.started);
+            let waiting = started.get_mut(&from).ok_or(Rejection::Unsolicited)?;
+            waiting.session.settle(shared, opened, &from)?;
+            let Some(Started { session, reply }) = started.remove(&from) else {
+                unreachable!("found above, under the same lock")
+            };
+            // The initiator may have given up just now: the exchange then goes by connection.
+            let _ = reply.send((session, message));
+            Ok(())
+        }
+        Message::Ack { deltas } => {
+            {
+                let mut answered = lock(&datagrams.answered);
+                let waiting = answered
+                    .get_mut(&from)
+                    .filter(|a| Instant::now() < a.until)
+                    .ok_or(Rejection::Unsolicited)?;
+                waiting.session.settle(shared, opened, &from)?;
+                answered.remove(&from);
+            }
+            exchange::absorb(shared, |cluster| {
+                cluster.apply_deltas(deltas, &from, Instant::now())
+            });
+            shared.counters.exchanges.fetch_add(1, Relaxed);
+            Ok(())
+        }
+        _ => Err(Rejection::Unexpected),
+    }
+}
+
+/// Responder side: answers a compact digest from the live peer `from` with a SynAck when it fits
+/// in a datagram, otherwise with a NeedDigest (the initiator then exchanges by connection).
+async fn answer<T: Transport>(
+    shared: &Shared<T>,
+    datagrams: &Datagrams<T::Datagram>,
+    mut session: Session,
+    from: String,
+    digest: Message,
+) {
+    let reply = exchange::absorb(shared, |cluster| {
+        let now = Instant::now();
+        match digest {
+            Message::CompactSyn {
+                membership_hash,
+                versions,
+            } => cluster.handle_compact_syn(membership_hash, &versions, &from, now),
+            Message::CompactSynRange {
+                membership_hash,
+                offset,
+                versions,
+            } => cluster.handle_compact_syn_range(membership_hash, offset, &versions, &from, now),
+            _ => unreachable!("only compact digests are answered"),
+        }
+    });
+    // Names are checked canonical `ip:port` by `wire::decode`.
+    let Ok(address) = from.parse::<SocketAddr>() else {
+        return;
+    };
+    let max_bytes = shared.settings.max_datagram_bytes;
+    let syn_ack = reply.map(|reply| {
+        let syn_ack = Message::SynAck {
+            deltas: reply.deltas,
+            requests: reply.requests,
+            heartbeats: reply.heartbeats,
+        };
+        session.frame(shared, &syn_ack)
+    });
+    let frame = match syn_ack {
+        Some(frame) if frame.len() <= max_bytes => {
+            let until = Instant::now() + Datagrams::<T::Datagram>::wait(shared);
+            let mut answered = lock(&datagrams.answered);
+            answered.retain(|_, a| Instant::now() < a.until);
+            answered.insert(from, Answered { session, until });
+            frame
+        }
+        _ => session.frame(shared, &Message::NeedDigest),
+    };
+    datagrams.send(shared, frame, address).await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! The matching rules, against one node on the in-memory network with a hand-driven peer.
+}
