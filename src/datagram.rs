@@ -230,11 +230,13 @@ async fn handle<T: Transport>(
             if opened.as_ref().is_some_and(|o| o.stamp.recipient == 0) {
                 return Err(Rejection::Replayed);
             }
+            // Settled first, so that a sealed digest is remembered against replay even when
+            // it is not answered.
+            let mut session = Session::accepted();
+            session.settle(shared, opened, &from)?;
             if !shared.cluster().is_live_peer(&from) {
                 return Err(Rejection::Unsolicited);
             }
-            let mut session = Session::accepted();
-            session.settle(shared, opened, &from)?;
             answer(shared, datagrams, session, from, message).await;
             Ok(())
         }
