@@ -488,6 +488,8 @@ struct NetState {
     /// Frames handed over, and frames lost to faults or cuts.
     delivered: u64,
     dropped: u64,
+    /// Connections opened.
+    connections: u64,
 }
 
 impl MemNetwork {
@@ -504,6 +506,7 @@ impl MemNetwork {
                 rng: SmallRng::seed_from_u64(seed),
                 delivered: 0,
                 dropped: 0,
+                connections: 0,
             })),
             max_frame_bytes,
         }
@@ -557,6 +560,11 @@ impl MemNetwork {
         self.state().datagrams_blocked = blocked;
     }
 
+    /// Connections opened so far.
+    pub fn connection_count(&self) -> u64 {
+        self.state().connections
+    }
+
     /// Frames (datagrams included) delivered and dropped so far.
     pub fn frame_counts(&self) -> (u64, u64) {
         let state = self.state();
@@ -588,6 +596,7 @@ impl MemNetwork {
             .send(end(to.ip(), from, to_me, from_me))
             .map_err(|_| io::ErrorKind::ConnectionRefused)?;
         state.delivered += 1;
+        state.connections += 1;
         Ok(Some(end(from, to.ip(), to_them, from_them)))
     }
 }
