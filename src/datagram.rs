@@ -74,7 +74,9 @@ impl<D: Datagram> Datagrams<D> {
     }
 
     fn is_quiet(&self, name: &str, now: Instant) -> bool {
-        lock(&self.quiet).get(name).is_some_and(|&until| now < until)
+        lock(&self.quiet)
+            .get(name)
+            .is_some_and(|&until| now < until)
     }
 
     fn make_quiet<T: Transport>(&self, shared: &Shared<T>, name: &str, now: Instant) {
@@ -90,9 +92,7 @@ impl<D: Datagram> Datagrams<D> {
     async fn send<T: Transport>(&self, shared: &Shared<T>, frame: Bytes, to: SocketAddr) -> bool {
         let counters = &shared.counters;
         counters.messages_sent.fetch_add(1, Relaxed);
-        counters
-            .bytes_sent
-            .fetch_add(frame.len() as u64, Relaxed);
+        counters.bytes_sent.fetch_add(frame.len() as u64, Relaxed);
         let sent = self.socket.send_to(frame, to).await.is_ok();
         if !sent {
             counters.send_failures.fetch_add(1, Relaxed);
@@ -147,7 +147,8 @@ pub(crate) async fn exchange<T: Transport>(
         lock(&datagrams.started).remove(name);
         return Outcome::Compact;
     }
-    let Ok(Ok((mut session, answer))) = timeout(Datagrams::<T::Datagram>::wait(shared), replied).await
+    let Ok(Ok((mut session, answer))) =
+        timeout(Datagrams::<T::Datagram>::wait(shared), replied).await
     else {
         lock(&datagrams.started).remove(name);
         datagrams.make_quiet(shared, name, Instant::now());
@@ -323,5 +324,248 @@ async fn answer<T: Transport>(
 
 #[cfg(test)]
 mod tests {
-    //! The matching rules, against one node on the in-memory network with a hand-driven peer.
+    //! One node, A, on the in-memory network, and a hand-driven socket at the address of its
+    //! peer B: B formed the cluster with A, then vanished without leaving, so A still holds it
+    //! live while the test speaks in its name.
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::node::{Listen, Node};
+    use crate::protocol::{unix_ms, Event, EventSink};
+    use crate::seal::{self, Key, Keys, Stamp, KEY_BYTES};
+    use crate::transport::{MemDatagram, MemNetwork, MemTransport};
+    use crate::wire::{KeyValue, NodeDelta};
+    use std::net::{IpAddr, Ipv4Addr};
+    use zeroize::Zeroizing;
+
+    const KEY: [u8; KEY_BYTES] = [7; KEY_BYTES];
+    const A: &str = "10.0.0.1:9000";
+    const B: &str = "10.0.0.2:9000";
+
+    struct Silent;
+
+    impl EventSink for Silent {
+        fn emit(&self, _: Event<'_>) {}
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
+    }
+
+    fn node(net: &MemNetwork, n: u8, seeds: &[&str], keys: bool) -> Node<MemTransport> {
+        let node = Node::with_transport(
+            Settings::default(),
+            seeds.iter().map(|s| s.to_string()).collect(),
+            Arc::new(Silent),
+            net.host(ip(n)),
+            Some(n as u64),
+        );
+        let node = if keys {
+            node.with_keys(Keys::new(vec![Zeroizing::new(KEY)]))
+        } else {
+            node
+        };
+        node.start(&Listen {
+            port: 9000,
+            address: Some(ip(n)),
+            advertise: None,
+        })
+        .unwrap();
+        node
+    }
+
+    /// A with B live in its table, and the sockets that now stand at B's address and at an
+    /// outsider's.
+    struct Scene {
+        net: MemNetwork,
+        a: Node<MemTransport>,
+        b: MemDatagram,
+        outsider: MemDatagram,
+    }
+
+    async fn scene(keys: bool) -> Scene {
+        let net = MemNetwork::new(5, 4 << 20);
+        let a = node(&net, 1, &[], keys);
+        let b = node(&net, 2, &[A], keys);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(a.with_cluster(|c| c.is_live_peer(B)));
+        assert!(a.counters().datagram_exchanges.load(Relaxed) > 0);
+        drop(b);
+        // Past the wait for an Ack of B's last exchange.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let b = net.host(ip(2)).bind_datagram(B.parse().unwrap()).unwrap();
+        let outsider = net
+            .host(ip(9))
+            .bind_datagram("10.0.0.9:9000".parse().unwrap())
+            .unwrap();
+        Scene {
+            net,
+            a,
+            b,
+            outsider,
+        }
+    }
+
+    /// The next datagram at `socket` within 100 ms, decoded (opened first with the key).
+    async fn next(socket: &MemDatagram) -> Option<(SocketAddr, Message)> {
+        let mut buffer = vec![0; 65536];
+        loop {
+            let (len, source) = timeout(Duration::from_millis(100), socket.recv_from(&mut buffer))
+                .await
+                .ok()?
+                .ok()?;
+            let mut frame = BytesMut::from(&buffer[..len]);
+            if seal::is_sealed(&frame) {
+                let keyring = Keys::new(vec![Zeroizing::new(KEY)]).current();
+                seal::open(&keyring, "gossiper", &mut frame).unwrap();
+            }
+            let (_, message) = wire::decode(&frame, "gossiper", &wire::Limits::default()).unwrap();
+            // A's own rounds go on meanwhile; only answers matter here.
+            if !matches!(message, Message::CompactSyn { .. }) {
+                return Some((source, message));
+            }
+        }
+    }
+
+    /// A's compact digest as A would send it: the same membership (A and B) from B's side.
+    fn digest_of(a: &Node<MemTransport>) -> Message {
+        a.with_cluster_mut(|c| c.compact_digest()).unwrap().1
+    }
+
+    fn key_written_by_b(a: &Node<MemTransport>) -> Message {
+        let b = a.peer_infos().into_iter().find(|p| p.name == B).unwrap();
+        Message::Ack {
+            deltas: vec![NodeDelta {
+                name: B.into(),
+                generation: b.generation,
+                heartbeat: b.heartbeat,
+                from_version: b.max_version,
+                to_version: b.max_version + 1,
+                left: false,
+                kvs: vec![KeyValue {
+                    key: "k".into(),
+                    version: b.max_version + 1,
+                    value: Bytes::from_static(&[0xa1, b'v']),
+                }],
+                horizon: 0,
+            }],
+        }
+    }
+
+    fn has_key(a: &Node<MemTransport>) -> bool {
+        a.with_cluster(|c| c.node_value(B, "k").is_some())
+    }
+
+    async fn send(from: &MemDatagram, message: &Message, as_name: &str) {
+        let frame = wire::encode("gossiper", as_name, message);
+        from.send_to(frame, A.parse().unwrap()).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_go_to_the_senders_name_and_only_matching_acks_are_taken() {
+        let Scene {
+            net: _net,
+            a,
+            b,
+            outsider,
+        } = scene(false).await;
+        let unsolicited = || a.counters().rejected(Rejection::Unsolicited);
+
+        // A node that is not a live peer is not answered.
+        send(&outsider, &digest_of(&a), "10.0.0.9:9000").await;
+        assert_eq!(next(&outsider).await, None);
+        assert_eq!(unsolicited(), 1);
+
+        // An Ack that answers no SynAck of ours is dropped.
+        send(&b, &key_written_by_b(&a), B).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!has_key(&a));
+        assert_eq!(unsolicited(), 2);
+
+        // A digest in B's name from elsewhere is answered, at B's address only.
+        send(&outsider, &digest_of(&a), B).await;
+        assert_eq!(next(&outsider).await, None);
+        let (source, answer) = next(&b).await.expect("B is answered");
+        assert_eq!(source, A.parse().unwrap());
+        assert!(matches!(answer, Message::SynAck { .. }), "{answer:?}");
+
+        // The Ack that answers that SynAck is taken, once.
+        send(&b, &key_written_by_b(&a), B).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(has_key(&a));
+        send(&b, &key_written_by_b(&a), B).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(unsolicited(), 3);
+
+        // Garbage, and datagrams longer than the limit, are dropped and counted.
+        let to_a: SocketAddr = A.parse().unwrap();
+        for junk in [&b"garbage"[..], &[0xc1, 1, 1][..], &[0x93; 2000][..]] {
+            outsider
+                .send_to(Bytes::copy_from_slice(junk), to_a)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let counters = a.counters();
+        assert_eq!(counters.rejected(Rejection::Malformed), 2);
+        assert_eq!(counters.rejected(Rejection::Oversized), 1);
+
+        // Replies A did not ask for are dropped too.
+        for reply in [
+            Message::NeedDigest,
+            Message::SynAck {
+                deltas: vec![],
+                requests: vec![],
+                heartbeats: vec![],
+            },
+        ] {
+            send(&b, &reply, B).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(unsolicited(), 5);
+    }
+
+    /// `message` sealed as B's, under `key`, addressed to A.
+    fn sealed_by_b(a: &Node<MemTransport>, key: &Key, message: &Message) -> Bytes {
+        let generation = a.with_cluster(|c| c.generation_of(B)).unwrap();
+        let stamp = Stamp {
+            sent_at: unix_ms(),
+            generation,
+            answers: 0,
+            recipient: seal::recipient_tag(A),
+        };
+        let body = wire::encode("gossiper", B, message);
+        Bytes::from(seal::seal(key, "gossiper", &stamp, seal::random_nonce(), &body).0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sealed_digests_from_outsiders_or_replayed_are_not_answered() {
+        let Scene {
+            net: _net,
+            a,
+            b,
+            outsider,
+        } = scene(true).await;
+        let to_a: SocketAddr = A.parse().unwrap();
+        let before = a.peer_infos().len();
+
+        // In plaintext, or under another key: dropped, unanswered.
+        send(&outsider, &digest_of(&a), B).await;
+        let other_key = Key::new(Zeroizing::new([9; KEY_BYTES]));
+        let forged = sealed_by_b(&a, &other_key, &digest_of(&a));
+        outsider.send_to(forged, to_a).await.unwrap();
+        assert_eq!(next(&b).await, None);
+        assert_eq!(a.counters().rejected(Rejection::Plaintext), 1);
+        assert_eq!(a.counters().rejected(Rejection::UnknownKey), 1);
+
+        // Under the key: answered once; the same datagram again is a replay.
+        let key = Key::new(Zeroizing::new(KEY));
+        let digest = sealed_by_b(&a, &key, &digest_of(&a));
+        outsider.send_to(digest.clone(), to_a).await.unwrap();
+        assert!(matches!(next(&b).await, Some((_, Message::SynAck { .. }))));
+        outsider.send_to(digest, to_a).await.unwrap();
+        assert_eq!(next(&b).await, None);
+        assert_eq!(a.counters().rejected(Rejection::Replayed), 1);
+        assert_eq!(a.peer_infos().len(), before);
+    }
 }

@@ -421,7 +421,10 @@ async fn answer_syn<T: Transport>(
 /// Hands what arrived to the cluster, counts what it refused, and wakes the pusher when there is
 /// something to broadcast: a change that waited for peers (an exchange may just have brought
 /// them), or a new incarnation refuting a claim about us.
-pub(crate) fn absorb<T: Transport, R>(shared: &Shared<T>, feed: impl FnOnce(&mut Cluster) -> R) -> R {
+pub(crate) fn absorb<T: Transport, R>(
+    shared: &Shared<T>,
+    feed: impl FnOnce(&mut Cluster) -> R,
+) -> R {
     let (result, tally, unpushed) = {
         let mut cluster = shared.cluster();
         let result = feed(&mut cluster);

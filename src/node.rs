@@ -440,10 +440,7 @@ impl<T: Transport> Node<T> {
     /// Binds the listener and, with datagrams on, a datagram socket at its port. Asked for any
     /// port, it tries a few, since another process may hold the UDP port of a free TCP one.
     #[allow(clippy::type_complexity)]
-    fn bind(
-        &self,
-        listen: &Listen,
-    ) -> Result<(T::Listener, Option<T::Datagram>, u16), StartError> {
+    fn bind(&self, listen: &Listen) -> Result<(T::Listener, Option<T::Datagram>, u16), StartError> {
         let transport = &self.shared.transport;
         let at = |port| SocketAddr::new(listen.bind_ip(), port);
         let mut attempts = if listen.port == 0 { 8 } else { 1 };
@@ -468,7 +465,10 @@ impl<T: Transport> Node<T> {
                 Err(error) => {
                     attempts -= 1;
                     if attempts == 0 {
-                        return Err(StartError::from_io(error, "cannot bind the datagram socket"));
+                        return Err(StartError::from_io(
+                            error,
+                            "cannot bind the datagram socket",
+                        ));
                     }
                     self.last_port.store(0, Relaxed);
                 }
@@ -539,6 +539,11 @@ impl<T: Transport> Node<T> {
 
     pub fn with_cluster<R>(&self, f: impl FnOnce(&Cluster) -> R) -> R {
         f(&self.shared.cluster())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn with_cluster_mut<R>(&self, f: impl FnOnce(&mut Cluster) -> R) -> R {
+        f(&mut self.shared.cluster())
     }
 
     pub fn peer_infos(&self) -> Vec<PeerInfo> {

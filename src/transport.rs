@@ -86,8 +86,11 @@ pub trait Connection: Send + 'static {
 /// A datagram socket, shared by the task that receives and the exchanges that send.
 pub trait Datagram: Send + Sync + 'static {
     /// Sends one datagram; delivery is not promised.
-    fn send_to(&self, datagram: Bytes, to: SocketAddr)
-        -> impl Future<Output = io::Result<()>> + Send;
+    fn send_to(
+        &self,
+        datagram: Bytes,
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<()>> + Send;
 
     /// Waits for the next datagram and copies it into `buffer`: its length (cut to the
     /// buffer's, so a datagram that fills the buffer may have been longer) and its source.
@@ -336,7 +339,12 @@ pub struct TcpTransportListener {
 /// reach us), else `0.0.0.0`.
 fn bind_any<S>(address: SocketAddr, bind: impl Fn(SocketAddr) -> io::Result<S>) -> io::Result<S> {
     if address.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
-        bind(address).or_else(|_| bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), address.port())))
+        bind(address).or_else(|_| {
+            bind(SocketAddr::new(
+                Ipv4Addr::UNSPECIFIED.into(),
+                address.port(),
+            ))
+        })
     } else {
         bind(address)
     }

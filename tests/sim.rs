@@ -472,7 +472,10 @@ fn lossy_delayed_duplicating_links_still_converge_without_false_failures() {
         }
         let (delivered, dropped) = sim.net.frame_counts();
         assert!(dropped > 0 && delivered > dropped * 5, "seed {seed}");
-        assert!(sim.datagram_exchanges() > 0, "seed {seed}: no datagram exchange");
+        assert!(
+            sim.datagram_exchanges() > 0,
+            "seed {seed}: no datagram exchange"
+        );
         sim.stop_all().await;
     });
 }
@@ -497,8 +500,7 @@ async fn steady_traffic(seed: u64, max_datagram_bytes: usize) -> (u64, u64) {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let (connections, datagram_exchanges) =
-        (sim.net.connection_count(), sim.datagram_exchanges());
+    let (connections, datagram_exchanges) = (sim.net.connection_count(), sim.datagram_exchanges());
     tokio::time::sleep(Duration::from_secs(20)).await;
     let traffic = (
         sim.net.connection_count() - connections,
@@ -551,7 +553,10 @@ fn a_network_that_blocks_datagrams_still_forms_spreads_and_keeps_everyone_alive(
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(sim.datagram_exchanges(), 0, "seed {seed}");
         // Exchanges by connection go on every round: two counts (one per side) for each.
-        assert!(exchanges >= 2 * 10 * 30, "seed {seed}: {exchanges} exchanges");
+        assert!(
+            exchanges >= 2 * 10 * 30,
+            "seed {seed}: {exchanges} exchanges"
+        );
         for host in &sim.hosts {
             assert_eq!(host.events.count_prefix("peer_failed"), 0, "seed {seed}");
         }
