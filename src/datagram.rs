@@ -8,7 +8,8 @@
 //! answer the frame before it. Invariants: a datagram is answered only when it comes from a
 //! live peer, and the answer goes to the address in the sender's name, never to the datagram's
 //! source; a reply is taken only when it answers a frame we sent that peer within the wait
-//! ([`Datagrams::wait`]); the work a datagram causes is bounded by its size, and the tables of
+//! ([`Datagrams::wait`]) (a late one, up to twice the wait, is dropped without counting it);
+//! the work a datagram causes is bounded by its size, and the tables of
 //! exchanges under way hold at most one entry per peer.
 
 use crate::exchange::{self, Session};
@@ -34,9 +35,10 @@ const QUIET_ROUNDS: u32 = 10;
 /// A node's datagram socket and the exchanges under way on it; made anew for each incarnation.
 pub(crate) struct Datagrams<D> {
     socket: D,
-    /// Exchanges we started, by peer, waiting for its SynAck or NeedDigest.
+    /// Exchanges we started, by peer, waiting for its SynAck or NeedDigest; kept a while after
+    /// we gave up, so that a late answer is recognised (and dropped) rather than counted.
     started: Mutex<HashMap<String, Started>>,
-    /// Exchanges we answered with a SynAck, by peer, waiting for the Ack.
+    /// Exchanges we answered with a SynAck, by peer, waiting for the Ack; likewise.
     answered: Mutex<HashMap<String, Answered>>,
     /// Peers reached by connection only until then.
     quiet: Mutex<HashMap<String, Instant>>,
@@ -44,12 +46,14 @@ pub(crate) struct Datagrams<D> {
 
 struct Started {
     session: Session,
+    /// Closed once the initiator gave up.
     reply: oneshot::Sender<(Session, Message)>,
+    at: Instant,
 }
 
 struct Answered {
     session: Session,
-    until: Instant,
+    at: Instant,
 }
 
 fn lock<M>(mutex: &Mutex<M>) -> MutexGuard<'_, M> {
@@ -135,22 +139,22 @@ pub(crate) async fn exchange<T: Transport>(
         return Outcome::Compact;
     }
     let (reply, replied) = oneshot::channel();
+    let wait = Datagrams::<T::Datagram>::wait(shared);
     {
         let mut started = lock(&datagrams.started);
         // The last round's exchange with this peer is still waiting: this one takes a connection.
-        if started.contains_key(name) {
+        if started.get(name).is_some_and(|s| !s.reply.is_closed()) {
             return Outcome::Compact;
         }
-        started.insert(name.to_owned(), Started { session, reply });
+        started.retain(|_, s| !s.reply.is_closed() || now < s.at + 2 * wait);
+        let at = now;
+        started.insert(name.to_owned(), Started { session, reply, at });
     }
     if !datagrams.send(shared, frame, address).await {
         lock(&datagrams.started).remove(name);
         return Outcome::Compact;
     }
-    let Ok(Ok((mut session, answer))) =
-        timeout(Datagrams::<T::Datagram>::wait(shared), replied).await
-    else {
-        lock(&datagrams.started).remove(name);
+    let Ok(Ok((mut session, answer))) = timeout(wait, replied).await else {
         datagrams.make_quiet(shared, name, Instant::now());
         return Outcome::Compact;
     };
@@ -243,24 +247,38 @@ async fn handle<T: Transport>(
         }
         Message::SynAck { .. } | Message::NeedDigest => {
             let mut started = lock(&datagrams.started);
-            let waiting = started.get_mut(&from).ok_or(Rejection::Unsolicited)?;
+            let now = Instant::now();
+            let wait = Datagrams::<T::Datagram>::wait(shared);
+            let waiting = started
+                .get_mut(&from)
+                .filter(|s| !s.reply.is_closed() || now < s.at + 2 * wait)
+                .ok_or(Rejection::Unsolicited)?;
             waiting.session.settle(shared, opened, &from)?;
-            let Some(Started { session, reply }) = started.remove(&from) else {
+            let Some(Started { session, reply, .. }) = started.remove(&from) else {
                 unreachable!("found above, under the same lock")
             };
-            // The initiator may have given up just now: the exchange then goes by connection.
+            // Fails when the answer came after the initiator gave up: the exchange went by
+            // connection, and a late answer is dropped without counting it as hostile.
             let _ = reply.send((session, message));
             Ok(())
         }
         Message::Ack { deltas } => {
             {
                 let mut answered = lock(&datagrams.answered);
+                let now = Instant::now();
+                let wait = Datagrams::<T::Datagram>::wait(shared);
                 let waiting = answered
                     .get_mut(&from)
-                    .filter(|a| Instant::now() < a.until)
+                    .filter(|a| now < a.at + 2 * wait)
                     .ok_or(Rejection::Unsolicited)?;
                 waiting.session.settle(shared, opened, &from)?;
-                answered.remove(&from);
+                let Some(Answered { at, .. }) = answered.remove(&from) else {
+                    unreachable!("found above, under the same lock")
+                };
+                // A late Ack is dropped, as a late answer to us is.
+                if now >= at + wait {
+                    return Ok(());
+                }
             }
             exchange::absorb(shared, |cluster| {
                 cluster.apply_deltas(deltas, &from, Instant::now())
@@ -311,10 +329,11 @@ async fn answer<T: Transport>(
     });
     let frame = match syn_ack {
         Some(frame) if frame.len() <= max_bytes => {
-            let until = Instant::now() + Datagrams::<T::Datagram>::wait(shared);
+            let at = Instant::now();
+            let wait = Datagrams::<T::Datagram>::wait(shared);
             let mut answered = lock(&datagrams.answered);
-            answered.retain(|_, a| Instant::now() < a.until);
-            answered.insert(from, Answered { session, until });
+            answered.retain(|_, a| at < a.at + 2 * wait);
+            answered.insert(from, Answered { session, at });
             frame
         }
         _ => session.frame(shared, &Message::NeedDigest),
@@ -391,8 +410,8 @@ mod tests {
         assert!(a.with_cluster(|c| c.is_live_peer(B)));
         assert!(a.counters().datagram_exchanges.load(Relaxed) > 0);
         drop(b);
-        // Past the wait for an Ack of B's last exchange.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Past the wait for an Ack of B's last exchange, and for late ones.
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let b = net.host(ip(2)).bind_datagram(B.parse().unwrap()).unwrap();
         let outsider = net
             .host(ip(9))
@@ -519,7 +538,7 @@ mod tests {
                 heartbeats: vec![],
             },
         ] {
-            send(&b, &reply, B).await;
+            send(&outsider, &reply, "10.0.0.9:9000").await;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(unsolicited(), 5);
