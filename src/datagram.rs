@@ -133,6 +133,14 @@ pub(crate) async fn exchange<T: Transport>(
         return Outcome::Compact;
     }
     let max_bytes = shared.settings.max_datagram_bytes;
+    // Every packed counter takes a byte at least: a digest this long cannot fit, unencoded.
+    if let Message::CompactSyn { versions, .. } | Message::CompactSynRange { versions, .. } =
+        message
+    {
+        if versions.len() > max_bytes {
+            return Outcome::Compact;
+        }
+    }
     let mut session = Session::opened(shared, Some(name));
     let frame = session.frame(shared, message);
     if frame.len() > max_bytes {
@@ -239,6 +247,9 @@ async fn handle<T: Transport>(
             // it is not answered.
             let mut session = Session::accepted();
             session.settle(shared, opened, &from)?;
+            // Replies by datagram go to the sender's name alone (on a connection, the connection
+            // does that).
+            session.address_to(&from);
             if !shared.cluster().is_live_peer(&from) {
                 return Err(Rejection::Unsolicited);
             }

@@ -3,9 +3,10 @@
 //! function drives the synchronous [`Cluster`](crate::protocol::Cluster) with what arrives and
 //! sends what it answers; none holds the cluster lock across an await.
 //!
-//! With keys, every frame is sealed (see [`crate::seal`]) and bound to its connection: a frame
-//! must answer the last frame we sent on it (nothing, for the first), so a recorded frame cannot
-//! be spliced into another exchange, and first frames are remembered for the freshness window.
+//! With keys, every frame is sealed (see [`crate::seal`]) and bound to its [`Session`] (a
+//! connection, or one exchange of datagrams): a frame must answer the last frame we sent in it
+//! (nothing, for the first), so a recorded frame cannot be spliced into another exchange, and
+//! first frames are remembered for the freshness window.
 //! A responder answers in the form of the first frame: sealed under the key it used, or, under
 //! `accept_plaintext`, in plaintext.
 //!
@@ -110,6 +111,11 @@ impl Session {
             received: 0,
             recipient: 0,
         }
+    }
+
+    /// Addresses our frames to the node named `name`, which then alone can take them.
+    pub(crate) fn address_to(&mut self, name: &str) {
+        self.recipient = seal::recipient_tag(name);
     }
 
     /// Our next frame carrying `message`: sealed, and stamped to answer the last frame we
