@@ -32,6 +32,11 @@ use tokio_util::sync::CancellationToken;
 /// only, so that a network that drops UDP costs a wait once in this many rounds.
 const QUIET_ROUNDS: u32 = 10;
 
+/// Unanswered datagram exchanges in a row, to any peers, after which every peer is reached by
+/// connection only for `QUIET_ROUNDS`: in a large cluster on a network that drops UDP, most
+/// rounds pick a peer not tried lately, and would each pay the wait.
+const UNANSWERED_IN_A_ROW: u32 = 3;
+
 /// A node's datagram socket and the exchanges under way on it; made anew for each incarnation.
 pub(crate) struct Datagrams<D> {
     socket: D,
@@ -42,6 +47,8 @@ pub(crate) struct Datagrams<D> {
     answered: Mutex<HashMap<String, Answered>>,
     /// Peers reached by connection only until then.
     quiet: Mutex<HashMap<String, Instant>>,
+    /// Unanswered exchanges since the last answer, and until when every peer is quiet.
+    unanswered: Mutex<(u32, Option<Instant>)>,
 }
 
 struct Started {
@@ -67,6 +74,7 @@ impl<D: Datagram> Datagrams<D> {
             started: Mutex::default(),
             answered: Mutex::default(),
             quiet: Mutex::default(),
+            unanswered: Mutex::default(),
         }
     }
 
@@ -78,18 +86,29 @@ impl<D: Datagram> Datagrams<D> {
     }
 
     fn is_quiet(&self, name: &str, now: Instant) -> bool {
-        lock(&self.quiet)
-            .get(name)
-            .is_some_and(|&until| now < until)
+        lock(&self.unanswered).1.is_some_and(|until| now < until)
+            || lock(&self.quiet)
+                .get(name)
+                .is_some_and(|&until| now < until)
     }
 
-    fn make_quiet<T: Transport>(&self, shared: &Shared<T>, name: &str, now: Instant) {
-        let mut quiet = lock(&self.quiet);
-        quiet.retain(|_, until| now < *until);
-        quiet.insert(
-            name.to_owned(),
-            now + shared.settings.gossip_interval * QUIET_ROUNDS,
-        );
+    /// `name` did not answer in time.
+    fn unanswered<T: Transport>(&self, shared: &Shared<T>, name: &str, now: Instant) {
+        let until = now + shared.settings.gossip_interval * QUIET_ROUNDS;
+        {
+            let mut quiet = lock(&self.quiet);
+            quiet.retain(|_, until| now < *until);
+            quiet.insert(name.to_owned(), until);
+        }
+        let mut unanswered = lock(&self.unanswered);
+        unanswered.0 += 1;
+        if unanswered.0 >= UNANSWERED_IN_A_ROW {
+            *unanswered = (0, Some(until));
+        }
+    }
+
+    fn answered(&self) {
+        lock(&self.unanswered).0 = 0;
     }
 
     /// Sends one frame, counted like a frame on a connection (without the length it lacks).
@@ -163,9 +182,10 @@ pub(crate) async fn exchange<T: Transport>(
         return Outcome::Compact;
     }
     let Ok(Ok((mut session, answer))) = timeout(wait, replied).await else {
-        datagrams.make_quiet(shared, name, Instant::now());
+        datagrams.unanswered(shared, name, Instant::now());
         return Outcome::Compact;
     };
+    datagrams.answered();
     let reply = match answer {
         Message::SynAck {
             deltas,
@@ -210,6 +230,7 @@ pub(crate) async fn receive_loop<T: Transport>(
             _ = cancel.cancelled() => return,
             received = datagrams.socket.recv_from(&mut buffer) => received,
         };
+        // The source goes unused: answers go to the sender's name.
         let Ok((len, _source)) = received else {
             // A transient error of the socket: keep receiving, without spinning.
             tokio::time::sleep(Duration::from_millis(5)).await;
