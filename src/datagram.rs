@@ -49,6 +49,8 @@ pub(crate) struct Datagrams<D> {
     quiet: Mutex<HashMap<String, Instant>>,
     /// Unanswered exchanges since the last answer, and until when every peer is quiet.
     unanswered: Mutex<(u32, Option<Instant>)>,
+    /// The hash of our membership, and since when it has been ours.
+    membership: Mutex<(u64, Instant)>,
 }
 
 struct Started {
@@ -75,6 +77,7 @@ impl<D: Datagram> Datagrams<D> {
             answered: Mutex::default(),
             quiet: Mutex::default(),
             unanswered: Mutex::default(),
+            membership: Mutex::new((0, Instant::now())),
         }
     }
 
@@ -105,6 +108,17 @@ impl<D: Datagram> Datagrams<D> {
         if unanswered.0 >= UNANSWERED_IN_A_ROW {
             *unanswered = (0, Some(until));
         }
+    }
+
+    /// Whether our membership, of hash `hash`, changed within the last round: while it changes
+    /// (a cluster forming, nodes coming and going) a peer's likely differs, and a digest by
+    /// datagram would only earn a NeedDigest before the exchange by connection.
+    fn membership_is_new<T: Transport>(&self, shared: &Shared<T>, hash: u64, now: Instant) -> bool {
+        let mut membership = lock(&self.membership);
+        if membership.0 != hash {
+            *membership = (hash, now);
+        }
+        now < membership.1 + shared.settings.gossip_interval
     }
 
     fn answered(&self) {
@@ -148,7 +162,10 @@ pub(crate) async fn exchange<T: Transport>(
     let Ok(address) = name.parse::<SocketAddr>() else {
         return Outcome::Compact;
     };
-    if datagrams.is_quiet(name, now) || !shared.cluster().is_live_peer(name) {
+    if datagrams.is_quiet(name, now)
+        || datagrams.membership_is_new(shared, membership.hash, now)
+        || !shared.cluster().is_live_peer(name)
+    {
         return Outcome::Compact;
     }
     let max_bytes = shared.settings.max_datagram_bytes;
