@@ -51,7 +51,7 @@ export interface GossiperEvents {
 export type GossiperEventName = keyof GossiperEvents
 
 export interface GossiperOptions {
-  /** TCP port to listen on; 0 picks a free one (and keeps it across restarts). Default 0. */
+  /** TCP port to listen on, and UDP port of the same number for datagrams; 0 picks a free one (and keeps it across restarts). Default 0. */
   port?: number
   /** Peers to contact first, as `"host:port"` or `"[ipv6]:port"`; hosts are resolved on each contact. Default `[]`. */
   seeds?: readonly string[]
@@ -93,6 +93,12 @@ export interface GossiperOptions {
   connectTimeout?: number
   /** Milliseconds a connection may wait for its next message, and a send may take, before it is closed. Default 5000. */
   idleTimeout?: number
+  /**
+   * Largest UDP datagram sent or accepted, in bytes (0-65507). A round's exchange with a live
+   * peer goes by datagrams when its frames fit, by TCP otherwise (and at once when a datagram
+   * goes unanswered). 0 turns datagrams off. Use one value cluster-wide. Default 1400.
+   */
+  maxDatagramBytes?: number
   /** Largest frame sent or accepted, in bytes. Default 4194304 (4 MiB). */
   maxFrameBytes?: number
   /** Largest key, in UTF-8 bytes; `setLocalState` refuses a longer one with a RangeError. Default 1024. */
@@ -190,7 +196,7 @@ export interface SetLocalStateOptions {
 export type RejectionReason =
   /** Not MessagePack of the expected shape, truncated, or with trailing bytes. */
   | 'malformed'
-  /** Longer than `maxFrameBytes`. */
+  /** Longer than `maxFrameBytes` (a datagram: `maxDatagramBytes`). */
   | 'oversized'
   /** Another protocol version. */
   | 'wrongVersion'
@@ -235,6 +241,8 @@ export type RejectionReason =
   | 'sourceLimit'
   /** A connection refused, or closed to make room, for want of an inbound slot. */
   | 'inboundFull'
+  /** A datagram from a node that is not a live peer, or a datagram reply answering nothing this node sent. */
+  | 'unsolicited'
 
 /** Engine counters since the Gossiper was created. */
 export interface GossiperStats {
@@ -244,6 +252,8 @@ export interface GossiperStats {
   bytesReceived: number
   /** Push-pull exchanges completed, started by either side. */
   exchanges: number
+  /** Exchanges this node started that completed over UDP datagrams, without a connection (also in `exchanges`). */
+  datagramExchanges: number
   /** Push messages sent: fresh changes sent to a few random live peers between gossip rounds. */
   pushesSent: number
   /** Outgoing connections that failed or timed out. */

@@ -46,6 +46,7 @@ pub const NUMERIC_OPTIONS: &[NumericOption] = &[
     option("pushFanout", 4.0, 1.0, 64.0, true),
     option("connectTimeout", 2000.0, 1.0, 600e3, true),
     option("idleTimeout", 5000.0, 1.0, 600e3, true),
+    option("maxDatagramBytes", 1400.0, 0.0, 65507.0, true),
     option("maxFrameBytes", (4 << 20) as f64, 1024.0, I32_MAX, true),
     option("maxKeyBytes", 1024.0, 1.0, (1 << 20) as f64, true),
     option("maxValueBytes", (256 << 10) as f64, 1.0, I32_MAX, true),
@@ -141,6 +142,9 @@ pub struct Settings {
     /// How long a connection may wait for its next frame, and a send may take.
     pub idle_timeout: Duration,
     pub max_inbound_connections: usize,
+    /// The largest datagram sent or taken: a compact exchange whose frames fit goes by UDP. 0
+    /// turns datagrams off (no socket; every exchange takes a connection).
+    pub max_datagram_bytes: usize,
     /// How far apart the clocks of two members may be: a generation (a start time) further
     /// ahead of ours is refused as implausible, a sealed frame stamped further from our clock is
     /// stale, and within it the first frames of connections are remembered so that a replay is
@@ -208,6 +212,7 @@ impl Settings {
             connect_timeout: ms("connectTimeout"),
             idle_timeout: ms("idleTimeout"),
             max_inbound_connections: get("maxInboundConnections") as usize,
+            max_datagram_bytes: get("maxDatagramBytes") as usize,
             max_clock_skew: ms("maxClockSkew"),
             accept_plaintext: false,
             max_peers: get("maxPeers") as usize,

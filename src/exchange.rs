@@ -3,9 +3,10 @@
 //! function drives the synchronous [`Cluster`](crate::protocol::Cluster) with what arrives and
 //! sends what it answers; none holds the cluster lock across an await.
 //!
-//! With keys, every frame is sealed (see [`crate::seal`]) and bound to its connection: a frame
-//! must answer the last frame we sent on it (nothing, for the first), so a recorded frame cannot
-//! be spliced into another exchange, and first frames are remembered for the freshness window.
+//! With keys, every frame is sealed (see [`crate::seal`]) and bound to its [`Session`] (a
+//! connection, or one exchange of datagrams): a frame must answer the last frame we sent in it
+//! (nothing, for the first), so a recorded frame cannot be spliced into another exchange, and
+//! first frames are remembered for the freshness window.
 //! A responder answers in the form of the first frame: sealed under the key it used, or, under
 //! `accept_plaintext`, in plaintext.
 //!
@@ -15,6 +16,7 @@
 //! a few failed attempts, so however many names fail to answer, the node's connection attempts
 //! stay bounded.
 
+use crate::datagram::{self, Outcome};
 use crate::inbound::{self, Establish};
 use crate::node::Shared;
 use crate::peers::{Membership, Reach};
@@ -66,15 +68,14 @@ impl ConnectBudget {
     }
 }
 
-/// One connection and what its frames have settled so far.
-pub(crate) struct Link<C> {
-    conn: C,
+/// What the frames of one exchange (a connection, or a few datagrams) have settled so far.
+pub(crate) struct Session {
     form: Form,
-    /// The tag of the last sealed frame we sent here, which the peer's next frame must answer.
+    /// The tag of the last sealed frame we sent, which the peer's next frame must answer.
     sent: u64,
-    /// The tag of the last sealed frame we received here, which our next frame answers.
+    /// The tag of the last sealed frame we received, which our next frame answers.
     received: u64,
-    /// `seal::recipient_tag` of the node we connected to by name; 0 otherwise.
+    /// `seal::recipient_tag` of the node we contacted by name; 0 otherwise.
     recipient: u64,
 }
 
@@ -82,19 +83,19 @@ enum Form {
     /// A responder before the first frame, which decides.
     Undecided,
     Plain,
-    /// Sealed under this key: our primary when we connected, the peer's key when it did.
+    /// Sealed under this key: our primary when we started the exchange, the peer's key when it
+    /// did.
     Sealed(Arc<Key>),
 }
 
-impl<C: Connection> Link<C> {
-    /// A connection we opened to the node named `recipient`, or to a seed address (`None`).
-    fn opened<T: Transport>(shared: &Shared<T>, conn: C, recipient: Option<&str>) -> Self {
+impl Session {
+    /// An exchange we start with the node named `recipient`, or with a seed address (`None`).
+    pub(crate) fn opened<T: Transport>(shared: &Shared<T>, recipient: Option<&str>) -> Self {
         let form = match shared.keys.current().primary() {
             Some(key) => Form::Sealed(key.clone()),
             None => Form::Plain,
         };
-        Link {
-            conn,
+        Session {
             form,
             sent: 0,
             received: 0,
@@ -102,15 +103,122 @@ impl<C: Connection> Link<C> {
         }
     }
 
-    fn accepted(conn: C) -> Self {
-        Link {
-            conn,
+    /// An exchange the peer starts; its first frame decides the form.
+    pub(crate) fn accepted() -> Self {
+        Session {
             form: Form::Undecided,
             sent: 0,
             received: 0,
             recipient: 0,
         }
     }
+
+    /// Addresses our frames to the node named `name`, which then alone can take them.
+    pub(crate) fn address_to(&mut self, name: &str) {
+        self.recipient = seal::recipient_tag(name);
+    }
+
+    /// Our next frame carrying `message`: sealed, and stamped to answer the last frame we
+    /// received, when the session is sealed.
+    pub(crate) fn frame<T: Transport>(&mut self, shared: &Shared<T>, message: &Message) -> Bytes {
+        let (name, generation) = {
+            let cluster = shared.cluster();
+            (cluster.name().to_owned(), cluster.generation())
+        };
+        let cluster_name = &shared.settings.cluster_name;
+        let body = wire::encode(cluster_name, &name, message);
+        match &self.form {
+            Form::Sealed(key) => {
+                let stamp = Stamp {
+                    sent_at: unix_ms(),
+                    generation,
+                    answers: self.received,
+                    recipient: self.recipient,
+                };
+                let (sealed, tag) =
+                    seal::seal(key, cluster_name, &stamp, seal::random_nonce(), &body);
+                self.sent = tag;
+                Bytes::from(sealed)
+            }
+            Form::Plain | Form::Undecided => body,
+        }
+    }
+
+    /// Checks a frame that arrived in this session (`opened` when it was sealed, see [`open`])
+    /// against what the session settled: the same form, an answer to our last frame, a first
+    /// frame never seen before, for us, from a current incarnation of `from`.
+    pub(crate) fn settle<T: Transport>(
+        &mut self,
+        shared: &Shared<T>,
+        opened: Option<seal::Opened>,
+        from: &str,
+    ) -> Result<(), Rejection> {
+        let Some(opened) = opened else {
+            if matches!(self.form, Form::Sealed(_)) {
+                return Err(Rejection::Plaintext);
+            }
+            if !shared.keys.current().is_empty() {
+                shared.counters.plaintext_accepted.fetch_add(1, Relaxed);
+            }
+            self.form = Form::Plain;
+            return Ok(());
+        };
+        if matches!(self.form, Form::Plain) {
+            return Err(Rejection::Unexpected);
+        }
+        let stamp = opened.stamp;
+        if stamp.answers != self.sent {
+            return Err(Rejection::Replayed);
+        }
+        {
+            let mut guard = shared.replay_guard();
+            if self.sent == 0 {
+                guard.admit(stamp.sent_at, opened.nonce_id, unix_ms())?;
+            } else {
+                // A reply answers our own fresh frame: it cannot have been seen before.
+                guard.check_fresh(stamp.sent_at, unix_ms())?;
+            }
+        }
+        {
+            let cluster = shared.cluster();
+            let ours = cluster.name();
+            if from == ours || stamp.recipient != 0 && stamp.recipient != seal::recipient_tag(ours)
+            {
+                return Err(Rejection::Replayed);
+            }
+            if cluster
+                .generation_of(from)
+                .is_some_and(|known| known > stamp.generation)
+            {
+                return Err(Rejection::Stale);
+            }
+        }
+        self.received = opened.tag;
+        self.form = Form::Sealed(opened.key);
+        Ok(())
+    }
+}
+
+/// Opens a sealed frame in place (`Some`, with what its seal says), or lets a plaintext one
+/// through (`None`) when we have no keys or accept plaintext; which session it belongs to
+/// checks the rest (see [`Session::settle`]).
+pub(crate) fn open<T: Transport>(
+    shared: &Shared<T>,
+    frame: &mut BytesMut,
+) -> Result<Option<seal::Opened>, Rejection> {
+    if !seal::is_sealed(frame) {
+        if !shared.keys.current().is_empty() && !shared.settings.accept_plaintext {
+            return Err(Rejection::Plaintext);
+        }
+        return Ok(None);
+    }
+    seal::open(&shared.keys.current(), &shared.settings.cluster_name, frame).map(Some)
+}
+
+/// One connection and its session.
+pub(crate) struct Link<C> {
+    conn: C,
+    session: Session,
 }
 
 /// Sends one message; a send that does not complete within `idle_timeout` fails.
@@ -119,26 +227,7 @@ async fn send<T: Transport>(
     link: &mut Link<T::Connection>,
     message: &Message,
 ) -> io::Result<()> {
-    let (name, generation) = {
-        let cluster = shared.cluster();
-        (cluster.name().to_owned(), cluster.generation())
-    };
-    let cluster_name = &shared.settings.cluster_name;
-    let body = wire::encode(cluster_name, &name, message);
-    let frame = match &link.form {
-        Form::Sealed(key) => {
-            let stamp = Stamp {
-                sent_at: unix_ms(),
-                generation,
-                answers: link.received,
-                recipient: link.recipient,
-            };
-            let (sealed, tag) = seal::seal(key, cluster_name, &stamp, seal::random_nonce(), &body);
-            link.sent = tag;
-            Bytes::from(sealed)
-        }
-        Form::Plain | Form::Undecided => body,
-    };
+    let frame = link.session.frame(shared, message);
     shared.counters.messages_sent.fetch_add(1, Relaxed);
     shared
         .counters
@@ -180,7 +269,7 @@ async fn receive<T: Transport>(
     counters
         .bytes_received
         .fetch_add(frame.len() as u64 + 4, Relaxed);
-    match take(shared, link, &mut frame) {
+    match take(shared, &mut link.session, &mut frame) {
         Ok(message) => Some(message),
         Err(reason) => {
             counters.reject(reason);
@@ -189,56 +278,16 @@ async fn receive<T: Transport>(
     }
 }
 
-/// Opens (when sealed), checks and decodes one frame that arrived on `link`.
+/// Opens (when sealed), decodes and checks one frame that arrived in `session`.
 fn take<T: Transport>(
     shared: &Shared<T>,
-    link: &mut Link<T::Connection>,
+    session: &mut Session,
     frame: &mut BytesMut,
 ) -> Result<(String, Message), Rejection> {
+    let opened = open(shared, frame)?;
     let settings = &shared.settings;
-    if !seal::is_sealed(frame) {
-        if !shared.keys.current().is_empty() {
-            if !settings.accept_plaintext || matches!(link.form, Form::Sealed(_)) {
-                return Err(Rejection::Plaintext);
-            }
-            shared.counters.plaintext_accepted.fetch_add(1, Relaxed);
-        }
-        link.form = Form::Plain;
-        return wire::decode(frame, &settings.cluster_name, &settings.limits);
-    }
-    let opened = seal::open(&shared.keys.current(), &settings.cluster_name, frame)?;
-    if matches!(link.form, Form::Plain) {
-        return Err(Rejection::Unexpected);
-    }
-    let stamp = opened.stamp;
-    if stamp.answers != link.sent {
-        return Err(Rejection::Replayed);
-    }
-    {
-        let mut guard = shared.replay_guard();
-        if link.sent == 0 {
-            guard.admit(stamp.sent_at, opened.nonce_id, unix_ms())?;
-        } else {
-            // A reply answers our own fresh frame: it cannot have been seen before.
-            guard.check_fresh(stamp.sent_at, unix_ms())?;
-        }
-    }
     let (from, message) = wire::decode(frame, &settings.cluster_name, &settings.limits)?;
-    {
-        let cluster = shared.cluster();
-        let ours = cluster.name();
-        if from == ours || stamp.recipient != 0 && stamp.recipient != seal::recipient_tag(ours) {
-            return Err(Rejection::Replayed);
-        }
-        if cluster
-            .generation_of(&from)
-            .is_some_and(|known| known > stamp.generation)
-        {
-            return Err(Rejection::Stale);
-        }
-    }
-    link.received = opened.tag;
-    link.form = Form::Sealed(opened.key);
+    session.settle(shared, opened, &from)?;
     Ok((from, message))
 }
 
@@ -249,7 +298,10 @@ pub(crate) async fn serve<T: Transport>(
     conn: T::Connection,
     mut slot: inbound::Slot,
 ) {
-    let mut link = Link::accepted(conn);
+    let mut link = Link {
+        conn,
+        session: Session::accepted(),
+    };
     let Some((from, mut message)) = receive(shared, &mut link).await else {
         return;
     };
@@ -375,7 +427,10 @@ async fn answer_syn<T: Transport>(
 /// Hands what arrived to the cluster, counts what it refused, and wakes the pusher when there is
 /// something to broadcast: a change that waited for peers (an exchange may just have brought
 /// them), or a new incarnation refuting a claim about us.
-fn absorb<T: Transport, R>(shared: &Shared<T>, feed: impl FnOnce(&mut Cluster) -> R) -> R {
+pub(crate) fn absorb<T: Transport, R>(
+    shared: &Shared<T>,
+    feed: impl FnOnce(&mut Cluster) -> R,
+) -> R {
     let (result, tally, unpushed) = {
         let mut cluster = shared.cluster();
         let result = feed(&mut cluster);
@@ -409,7 +464,10 @@ async fn connect<T: Transport>(
     )
     .await;
     match connected {
-        Ok(Ok(connection)) => Some(Link::opened(shared, connection, recipient)),
+        Ok(Ok(conn)) => Some(Link {
+            conn,
+            session: Session::opened(shared, recipient),
+        }),
         _ => {
             shared.counters.connect_failures.fetch_add(1, Relaxed);
             unreachable(shared, target);
@@ -427,12 +485,23 @@ fn unreachable<T: Transport>(shared: &Shared<T>, target: &Target) {
 /// Initiator side of one push-pull exchange: a compact digest (a CompactSyn or
 /// CompactSynRange, built on the membership that comes with it) first when we have one (see
 /// `Cluster::compact_digest`), the named digest if not or if the responder's membership differs.
+/// A compact digest to a live peer goes by datagram when it fits (see [`crate::datagram`]); the
+/// exchange takes a connection only when that does not complete it.
 pub(crate) async fn exchange<T: Transport>(
     shared: &Shared<T>,
     target: Target,
     free: bool,
-    compact: Option<(Arc<Membership>, Message)>,
+    mut compact: Option<(Arc<Membership>, Message)>,
 ) {
+    if let (Target::Peer(name), Some((membership, message))) = (&target, &compact) {
+        if let Some(datagrams) = shared.datagrams() {
+            match datagram::exchange(shared, &datagrams, name, membership, message).await {
+                Outcome::Done => return,
+                Outcome::Named => compact = None,
+                Outcome::Compact => {}
+            }
+        }
+    }
     let Some(mut link) = connect(shared, &target, free).await else {
         return;
     };
@@ -603,7 +672,9 @@ mod tests {
     use crate::node::{Listen, Node};
     use crate::protocol::{Event, EventSink};
     use crate::seal::{Keyring, Keys, KEY_BYTES};
-    use crate::transport::{Listener, MemConnection, MemListener, MemNetwork, MemTransport};
+    use crate::transport::{
+        Datagram, Listener, MemConnection, MemDatagram, MemListener, MemNetwork, MemTransport,
+    };
     use std::collections::BTreeSet;
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::sync::Mutex;
@@ -632,13 +703,37 @@ mod tests {
         tape: Tape,
     }
 
+    struct TapedDatagram {
+        inner: MemDatagram,
+        tape: Tape,
+    }
+
+    impl Datagram for TapedDatagram {
+        async fn send_to(&self, datagram: Bytes, to: SocketAddr) -> io::Result<()> {
+            self.tape.lock().unwrap().push(datagram.clone());
+            self.inner.send_to(datagram, to).await
+        }
+
+        async fn recv_from(&self, buffer: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+            self.inner.recv_from(buffer).await
+        }
+    }
+
     impl Transport for Taped {
         type Connection = TapedConnection;
         type Listener = TapedListener;
+        type Datagram = TapedDatagram;
 
         fn bind(&self, address: SocketAddr) -> io::Result<TapedListener> {
             Ok(TapedListener {
                 inner: self.host.bind(address)?,
+                tape: self.tape.clone(),
+            })
+        }
+
+        fn bind_datagram(&self, address: SocketAddr) -> io::Result<TapedDatagram> {
+            Ok(TapedDatagram {
+                inner: self.host.bind_datagram(address)?,
                 tape: self.tape.clone(),
             })
         }

@@ -9,6 +9,8 @@
 //! - [`config`]: every option, its default and bounds (the one table `index.js` reads).
 //! - [`exchange`]: one connection's protocol: push-pull exchange, push tree, suspicion, and the
 //!   connection budget.
+//! - [`datagram`]: exchanges small enough for one datagram each way, over UDP, with a
+//!   fallback to a connection.
 //! - [`transport`]: TCP framing within a process-wide budget for partial frames, and an
 //!   in-memory network with faults for deterministic tests.
 //! - [`inbound`]: who may hold a node's inbound connection slots.
@@ -23,6 +25,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod address;
 pub mod config;
+pub mod datagram;
 pub mod detector;
 pub mod exchange;
 pub mod inbound;

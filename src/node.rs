@@ -1,7 +1,8 @@
 //! A gossip node's life: start, the tasks that run it, and stop. One process-wide runtime
 //! serves every node, off the JavaScript thread.
 //!
-//! A started node owns three tasks (accept, gossip rounds, pushes) plus one per connection, all
+//! A started node owns three tasks (accept, gossip rounds, pushes), a fourth that receives
+//! datagrams when they are on, plus one per connection, all
 //! tracked by one [`TaskTracker`] and stopped by one [`CancellationToken`]; the push task owns
 //! the broadcasts it starts, which end with it. Each inbound connection holds a slot of the
 //! node's [`InboundSlots`] for as long as it is served. The lifecycle is a
@@ -12,6 +13,7 @@
 
 use crate::address;
 use crate::config::Settings;
+use crate::datagram::{self, Datagrams};
 use crate::exchange::{self, ConnectBudget};
 use crate::inbound::InboundSlots;
 use crate::protocol::{self, Cluster, EventSink, PeerInfo, Tally, Target};
@@ -83,6 +85,8 @@ pub struct Counters {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
     pub exchanges: AtomicU64,
+    /// Exchanges this node started that completed over datagrams, without a connection.
+    pub datagram_exchanges: AtomicU64,
     pub pushes_sent: AtomicU64,
     pub connect_failures: AtomicU64,
     /// Sends that failed or did not finish within `idle_timeout`.
@@ -169,7 +173,7 @@ impl Listen {
 }
 
 /// What the node's tasks share.
-pub(crate) struct Shared<T> {
+pub(crate) struct Shared<T: Transport> {
     pub(crate) settings: Arc<Settings>,
     cluster: Mutex<Cluster>,
     pub(crate) counters: Counters,
@@ -180,6 +184,8 @@ pub(crate) struct Shared<T> {
     /// Empty without keys: frames then travel in plaintext.
     pub(crate) keys: Keys,
     pub(crate) replay_guard: Mutex<ReplayGuard>,
+    /// The running incarnation's datagram socket; None while stopped or with datagrams off.
+    datagrams: Mutex<Option<Arc<Datagrams<T::Datagram>>>>,
     /// The IP we listen on (unspecified for every interface) and our name, for recognising
     /// ourselves among the seeds.
     local: Mutex<(IpAddr, Option<SocketAddr>)>,
@@ -195,6 +201,13 @@ impl<T: Transport> Shared<T> {
     pub(crate) fn cluster(&self) -> MutexGuard<'_, Cluster> {
         // A panic while holding the lock is a bug; the state is still the best we have.
         self.cluster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn datagrams(&self) -> Option<Arc<Datagrams<T::Datagram>>> {
+        self.datagrams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn replay_guard(&self) -> MutexGuard<'_, ReplayGuard> {
@@ -324,6 +337,7 @@ impl<T: Transport> Node<T> {
             shared: Arc::new(Shared {
                 cluster: Mutex::new(Cluster::new(settings.clone(), sink)),
                 replay_guard: Mutex::new(ReplayGuard::new(settings.max_clock_skew)),
+                datagrams: Mutex::new(None),
                 counters: Counters::default(),
                 connect_budget: ConnectBudget::new(settings.gossip_interval),
                 settings,
@@ -388,11 +402,7 @@ impl<T: Transport> Node<T> {
             }
             Lifecycle::Stopped { since } => since.map_or(Duration::ZERO, |at| at.elapsed()),
         };
-        let listener = self.bind(listen)?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| StartError::from_io(e, "cannot listen"))?
-            .port();
+        let (listener, datagram, port) = self.bind(listen)?;
         self.last_port.store(port as u64, Relaxed);
         *self.shared.local.lock().unwrap_or_else(|e| e.into_inner()) = (listen.bind_ip(), None);
 
@@ -402,6 +412,7 @@ impl<T: Transport> Node<T> {
         let boot = Boot {
             shared: self.shared.clone(),
             listener,
+            datagram,
             cancel: cancel.clone(),
             tasks: tasks.clone(),
             stopped_for,
@@ -426,17 +437,43 @@ impl<T: Transport> Node<T> {
         Ok((known.map(|n| n.to_string()), name_rx))
     }
 
-    fn bind(&self, listen: &Listen) -> Result<T::Listener, StartError> {
+    /// Binds the listener and, with datagrams on, a datagram socket at its port. Asked for any
+    /// port, it tries a few, since another process may hold the UDP port of a free TCP one.
+    #[allow(clippy::type_complexity)]
+    fn bind(&self, listen: &Listen) -> Result<(T::Listener, Option<T::Datagram>, u16), StartError> {
         let transport = &self.shared.transport;
         let at = |port| SocketAddr::new(listen.bind_ip(), port);
-        let last_port = self.last_port.load(Relaxed) as u16;
-        match (listen.port, last_port) {
-            (0, 1..) => transport
-                .bind(at(last_port))
-                .or_else(|_| transport.bind(at(0))),
-            (port, _) => transport.bind(at(port)),
+        let mut attempts = if listen.port == 0 { 8 } else { 1 };
+        loop {
+            let last_port = self.last_port.load(Relaxed) as u16;
+            let listener = match (listen.port, last_port) {
+                (0, 1..) => transport
+                    .bind(at(last_port))
+                    .or_else(|_| transport.bind(at(0))),
+                (port, _) => transport.bind(at(port)),
+            }
+            .map_err(|e| StartError::from_io(e, "cannot listen"))?;
+            let port = listener
+                .local_addr()
+                .map_err(|e| StartError::from_io(e, "cannot listen"))?
+                .port();
+            if self.shared.settings.max_datagram_bytes == 0 {
+                return Ok((listener, None, port));
+            }
+            match transport.bind_datagram(at(port)) {
+                Ok(datagram) => return Ok((listener, Some(datagram), port)),
+                Err(error) => {
+                    attempts -= 1;
+                    if attempts == 0 {
+                        return Err(StartError::from_io(
+                            error,
+                            "cannot bind the datagram socket",
+                        ));
+                    }
+                    self.last_port.store(0, Relaxed);
+                }
+            }
         }
-        .map_err(|e| StartError::from_io(e, "cannot listen"))
     }
 
     /// Announces the departure to a few peers (bounded by the connect timeout), then ends every
@@ -504,6 +541,11 @@ impl<T: Transport> Node<T> {
         f(&self.shared.cluster())
     }
 
+    #[cfg(test)]
+    pub(crate) fn with_cluster_mut<R>(&self, f: impl FnOnce(&mut Cluster) -> R) -> R {
+        f(&mut self.shared.cluster())
+    }
+
     pub fn peer_infos(&self) -> Vec<PeerInfo> {
         self.shared.cluster().peer_infos(Instant::now())
     }
@@ -529,6 +571,7 @@ impl<T: Transport> Drop for Node<T> {
 struct Boot<T: Transport> {
     shared: Arc<Shared<T>>,
     listener: T::Listener,
+    datagram: Option<T::Datagram>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     stopped_for: Duration,
@@ -542,6 +585,7 @@ impl<T: Transport> Boot<T> {
         let Boot {
             shared,
             listener,
+            datagram,
             cancel,
             tasks,
             stopped_for,
@@ -560,6 +604,15 @@ impl<T: Transport> Boot<T> {
             cancel.clone(),
             tasks.clone(),
         ));
+        if let Some(socket) = datagram {
+            let datagrams = Arc::new(Datagrams::new(socket));
+            *shared.datagrams.lock().unwrap_or_else(|e| e.into_inner()) = Some(datagrams.clone());
+            tasks.spawn(datagram::receive_loop(
+                shared.clone(),
+                datagrams,
+                cancel.clone(),
+            ));
+        }
         tasks.spawn(gossip_loop(shared.clone(), cancel.clone(), tasks.clone()));
         tasks.spawn(push_loop(shared, cancel));
         let _ = name_tx.send(Some(name.to_string()));
@@ -587,6 +640,8 @@ async fn shutdown<T: Transport>(shared: &Shared<T>, running: Running) {
     cancel.cancel();
     tasks.close();
     tasks.wait().await;
+    // The last holder of the socket: dropping it frees the port.
+    *shared.datagrams.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
 async fn accept_loop<T: Transport>(

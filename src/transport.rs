@@ -7,6 +7,11 @@
 //! the same limits as TCP. The in-memory network injects faults per frame (drop, delay, reorder
 //! through random delays, duplicate) and per pair of hosts (partitions).
 //!
+//! A node also has a datagram socket ([`Datagram`]) at the address and port of its listener,
+//! for exchanges small enough to fit one datagram each way (see `crate::datagram`). A datagram
+//! is one whole frame, without a length. The in-memory network delivers datagrams with the same
+//! seeded faults and cuts as frames, and can block them all (a network that drops UDP).
+//!
 //! TCP frames are read by [`read_frame`]: the 4-byte length is checked before anything else, and
 //! the body's buffer grows only as bytes arrive, each growth taken from one [`FrameBudget`]
 //! shared by every connection of the process. Invariant: the bytes held by partly received
@@ -33,10 +38,14 @@ use tokio::time::Instant;
 pub trait Transport: Send + Sync + 'static {
     type Connection: Connection;
     type Listener: Listener<Connection = Self::Connection>;
+    type Datagram: Datagram;
 
     /// Binds at once, so that `start` reports a busy port synchronously. An unspecified IP
     /// (`0.0.0.0`, `::`) binds every interface.
     fn bind(&self, address: SocketAddr) -> io::Result<Self::Listener>;
+
+    /// A datagram socket at `address`, bound at once; the listener's rules for an unspecified IP.
+    fn bind_datagram(&self, address: SocketAddr) -> io::Result<Self::Datagram>;
 
     fn connect(
         &self,
@@ -72,6 +81,23 @@ pub trait Connection: Send + 'static {
 
     /// The address of the other end's host.
     fn remote_ip(&self) -> IpAddr;
+}
+
+/// A datagram socket, shared by the task that receives and the exchanges that send.
+pub trait Datagram: Send + Sync + 'static {
+    /// Sends one datagram; delivery is not promised.
+    fn send_to(
+        &self,
+        datagram: Bytes,
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Waits for the next datagram and copies it into `buffer`: its length (cut to the
+    /// buffer's, so a datagram that fills the buffer may have been longer) and its source.
+    fn recv_from(
+        &self,
+        buffer: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send;
 }
 
 /// The first allocation for a frame's body; it doubles from there as bytes arrive.
@@ -309,26 +335,42 @@ pub struct TcpTransportListener {
     tcp: Tcp,
 }
 
+/// Binds `address`; for `::`, dual-stack where the host has IPv6 (so 127.0.0.1 and ::1 both
+/// reach us), else `0.0.0.0`.
+fn bind_any<S>(address: SocketAddr, bind: impl Fn(SocketAddr) -> io::Result<S>) -> io::Result<S> {
+    if address.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        bind(address).or_else(|_| {
+            bind(SocketAddr::new(
+                Ipv4Addr::UNSPECIFIED.into(),
+                address.port(),
+            ))
+        })
+    } else {
+        bind(address)
+    }
+}
+
 impl Transport for Tcp {
     type Connection = TcpConnection;
     type Listener = TcpTransportListener;
+    type Datagram = UdpDatagram;
 
     fn bind(&self, address: SocketAddr) -> io::Result<TcpTransportListener> {
-        let listener = if address.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
-            // Dual-stack where the host has IPv6, so 127.0.0.1 and ::1 both reach us.
-            StdListener::bind(address).or_else(|_| {
-                StdListener::bind(SocketAddr::new(
-                    Ipv4Addr::UNSPECIFIED.into(),
-                    address.port(),
-                ))
-            })?
-        } else {
-            StdListener::bind(address)?
-        };
+        let listener = bind_any(address, StdListener::bind)?;
         listener.set_nonblocking(true)?;
         Ok(TcpTransportListener {
             listener: TcpListener::from_std(listener)?,
             tcp: self.clone(),
+        })
+    }
+
+    fn bind_datagram(&self, address: SocketAddr) -> io::Result<UdpDatagram> {
+        let socket = bind_any(address, UdpSocket::bind)?;
+        socket.set_nonblocking(true)?;
+        let ipv6 = socket.local_addr()?.is_ipv6();
+        Ok(UdpDatagram {
+            socket: tokio::net::UdpSocket::from_std(socket)?,
+            ipv6,
         })
     }
 
@@ -367,6 +409,29 @@ impl Listener for TcpTransportListener {
     async fn accept(&mut self) -> io::Result<TcpConnection> {
         let (stream, _) = self.listener.accept().await?;
         self.tcp.connection(stream)
+    }
+}
+
+/// A UDP socket.
+pub struct UdpDatagram {
+    socket: tokio::net::UdpSocket,
+    /// An IPv6 socket reaches IPv4 peers at their IPv4-mapped address.
+    ipv6: bool,
+}
+
+impl Datagram for UdpDatagram {
+    async fn send_to(&self, datagram: Bytes, to: SocketAddr) -> io::Result<()> {
+        let to = match to {
+            SocketAddr::V4(v4) if self.ipv6 => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            to => to,
+        };
+        self.socket.send_to(&datagram, to).await.map(drop)
+    }
+
+    async fn recv_from(&self, buffer: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.socket.recv_from(buffer).await
     }
 }
 
@@ -420,6 +485,9 @@ pub struct MemNetwork {
 
 struct NetState {
     listeners: HashMap<SocketAddr, mpsc::UnboundedSender<MemConnection>>,
+    datagram_sockets: HashMap<SocketAddr, mpsc::UnboundedSender<(Bytes, SocketAddr)>>,
+    /// Every datagram is dropped: a network that blocks UDP.
+    datagrams_blocked: bool,
     /// Host pairs that cannot reach each other, smaller address first.
     cut: HashSet<(IpAddr, IpAddr)>,
     names: HashMap<String, Vec<IpAddr>>,
@@ -428,6 +496,8 @@ struct NetState {
     /// Frames handed over, and frames lost to faults or cuts.
     delivered: u64,
     dropped: u64,
+    /// Connections opened.
+    connections: u64,
 }
 
 impl MemNetwork {
@@ -436,12 +506,15 @@ impl MemNetwork {
         MemNetwork {
             state: Arc::new(Mutex::new(NetState {
                 listeners: HashMap::new(),
+                datagram_sockets: HashMap::new(),
+                datagrams_blocked: false,
                 cut: HashSet::new(),
                 names: HashMap::new(),
                 faults: Faults::default(),
                 rng: SmallRng::seed_from_u64(seed),
                 delivered: 0,
                 dropped: 0,
+                connections: 0,
             })),
             max_frame_bytes,
         }
@@ -490,7 +563,17 @@ impl MemNetwork {
         self.state().cut.clear();
     }
 
-    /// Frames delivered and frames dropped so far.
+    /// Drops every datagram from now on (or no longer), as a firewall that blocks UDP does.
+    pub fn block_datagrams(&self, blocked: bool) {
+        self.state().datagrams_blocked = blocked;
+    }
+
+    /// Connections opened so far.
+    pub fn connection_count(&self) -> u64 {
+        self.state().connections
+    }
+
+    /// Frames (datagrams included) delivered and dropped so far.
     pub fn frame_counts(&self) -> (u64, u64) {
         let state = self.state();
         (state.delivered, state.dropped)
@@ -521,6 +604,7 @@ impl MemNetwork {
             .send(end(to.ip(), from, to_me, from_me))
             .map_err(|_| io::ErrorKind::ConnectionRefused)?;
         state.delivered += 1;
+        state.connections += 1;
         Ok(Some(end(from, to.ip(), to_them, from_them)))
     }
 }
@@ -561,18 +645,24 @@ pub struct MemConnection {
     net: MemNetwork,
 }
 
+impl MemTransport {
+    /// The IP a socket asked to bind `address` gets: this host's.
+    fn local_ip(&self, address: SocketAddr) -> io::Result<IpAddr> {
+        if address.ip().is_unspecified() || address.ip() == self.ip {
+            Ok(self.ip)
+        } else {
+            Err(io::ErrorKind::AddrNotAvailable.into())
+        }
+    }
+}
+
 impl Transport for MemTransport {
     type Connection = MemConnection;
     type Listener = MemListener;
+    type Datagram = MemDatagram;
 
     fn bind(&self, address: SocketAddr) -> io::Result<MemListener> {
-        let ip = if address.ip().is_unspecified() {
-            self.ip
-        } else if address.ip() == self.ip {
-            address.ip()
-        } else {
-            return Err(io::ErrorKind::AddrNotAvailable.into());
-        };
+        let ip = self.local_ip(address)?;
         let mut state = self.net.state();
         let mut port = address.port();
         if port == 0 {
@@ -589,6 +679,25 @@ impl Transport for MemTransport {
         Ok(MemListener {
             address,
             incoming,
+            net: self.net.clone(),
+        })
+    }
+
+    fn bind_datagram(&self, address: SocketAddr) -> io::Result<MemDatagram> {
+        let address = SocketAddr::new(self.local_ip(address)?, address.port());
+        let mut state = self.net.state();
+        if address.port() == 0 {
+            // A node binds its datagram socket at its listener's port, always a known one.
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        if state.datagram_sockets.contains_key(&address) {
+            return Err(io::ErrorKind::AddrInUse.into());
+        }
+        let (sender, incoming) = mpsc::unbounded_channel();
+        state.datagram_sockets.insert(address, sender);
+        Ok(MemDatagram {
+            address,
+            incoming: tokio::sync::Mutex::new(incoming),
             net: self.net.clone(),
         })
     }
@@ -653,46 +762,57 @@ impl Listener for MemListener {
     }
 }
 
+impl NetState {
+    /// The delays after which the copies of one frame from `from` to `to` arrive: none when it
+    /// is lost to a cut or a fault, two when duplicated.
+    fn deliveries(&mut self, from: IpAddr, to: IpAddr) -> Vec<Duration> {
+        let faults = self.faults.clone();
+        if self.cut.contains(&pair(from, to)) || self.rng.gen_bool(faults.drop.clamp(0.0, 1.0)) {
+            self.dropped += 1;
+            return Vec::new();
+        }
+        let copies = 1 + self.rng.gen_bool(faults.duplicate.clamp(0.0, 1.0)) as usize;
+        let (low, high) = faults.delay;
+        self.delivered += copies as u64;
+        (0..copies)
+            .map(|_| {
+                if high > low {
+                    self.rng.gen_range(low..=high)
+                } else {
+                    low
+                }
+            })
+            .collect()
+    }
+}
+
+/// Hands `item` to `outgoing` after each delay.
+fn deliver<M: Clone + Send + 'static>(
+    outgoing: &mpsc::UnboundedSender<M>,
+    item: M,
+    delays: Vec<Duration>,
+) {
+    for delay in delays {
+        if delay.is_zero() {
+            let _ = outgoing.send(item.clone());
+        } else {
+            let outgoing = outgoing.clone();
+            let item = item.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = outgoing.send(item);
+            });
+        }
+    }
+}
+
 impl Connection for MemConnection {
     async fn send(&mut self, frame: Bytes) -> io::Result<()> {
         if frame.len() > self.net.max_frame_bytes {
             return Err(io::ErrorKind::InvalidInput.into());
         }
-        let delays = {
-            let mut state = self.net.state();
-            let faults = state.faults.clone();
-            if state.cut.contains(&pair(self.local, self.remote))
-                || state.rng.gen_bool(faults.drop.clamp(0.0, 1.0))
-            {
-                state.dropped += 1;
-                return Ok(());
-            }
-            let copies = 1 + state.rng.gen_bool(faults.duplicate.clamp(0.0, 1.0)) as usize;
-            let (low, high) = faults.delay;
-            let delays: Vec<Duration> = (0..copies)
-                .map(|_| {
-                    if high > low {
-                        state.rng.gen_range(low..=high)
-                    } else {
-                        low
-                    }
-                })
-                .collect();
-            state.delivered += copies as u64;
-            delays
-        };
-        for delay in delays {
-            if delay.is_zero() {
-                let _ = self.outgoing.send(frame.clone());
-            } else {
-                let outgoing = self.outgoing.clone();
-                let frame = frame.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = outgoing.send(frame);
-                });
-            }
-        }
+        let delays = self.net.state().deliveries(self.local, self.remote);
+        deliver(&self.outgoing, frame, delays);
         Ok(())
     }
 
@@ -705,6 +825,56 @@ impl Connection for MemConnection {
 
     fn remote_ip(&self) -> IpAddr {
         self.remote
+    }
+}
+
+/// The largest payload of a UDP datagram over IPv4.
+pub const MAX_UDP_PAYLOAD: usize = 65507;
+
+/// A datagram socket on a [`MemNetwork`]. Dropping it unbinds its address.
+pub struct MemDatagram {
+    address: SocketAddr,
+    incoming: tokio::sync::Mutex<mpsc::UnboundedReceiver<(Bytes, SocketAddr)>>,
+    net: MemNetwork,
+}
+
+impl Drop for MemDatagram {
+    fn drop(&mut self) {
+        self.net.state().datagram_sockets.remove(&self.address);
+    }
+}
+
+impl Datagram for MemDatagram {
+    async fn send_to(&self, datagram: Bytes, to: SocketAddr) -> io::Result<()> {
+        if datagram.len() > MAX_UDP_PAYLOAD {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let mut state = self.net.state();
+        let Some(socket) = state.datagram_sockets.get(&to).cloned() else {
+            state.dropped += 1;
+            return Ok(());
+        };
+        if state.datagrams_blocked {
+            state.dropped += 1;
+            return Ok(());
+        }
+        let delays = state.deliveries(self.address.ip(), to.ip());
+        drop(state);
+        deliver(&socket, (datagram, self.address), delays);
+        Ok(())
+    }
+
+    async fn recv_from(&self, buffer: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        let (datagram, from) = self
+            .incoming
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or(io::ErrorKind::NotConnected)?;
+        let len = datagram.len().min(buffer.len());
+        buffer[..len].copy_from_slice(&datagram[..len]);
+        Ok((len, from))
     }
 }
 

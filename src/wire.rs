@@ -261,10 +261,13 @@ pub enum Rejection {
     /// A connection refused or closed for want of an inbound slot (`max_inbound_connections`,
     /// or the share of it that nodes other than live peers may hold).
     InboundFull,
+    /// A datagram from a node that is not a live peer, or a datagram reply (SynAck, NeedDigest,
+    /// Ack) that answers nothing we sent that node within the wait.
+    Unsolicited,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 22] = [
+    pub const ALL: [Rejection; 23] = [
         Rejection::Malformed,
         Rejection::Oversized,
         Rejection::WrongVersion,
@@ -287,6 +290,7 @@ impl Rejection {
         Rejection::TimedOut,
         Rejection::SourceLimit,
         Rejection::InboundFull,
+        Rejection::Unsolicited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -313,6 +317,7 @@ impl Rejection {
             Rejection::TimedOut => "timedOut",
             Rejection::SourceLimit => "sourceLimit",
             Rejection::InboundFull => "inboundFull",
+            Rejection::Unsolicited => "unsolicited",
         }
     }
 }

@@ -34,6 +34,15 @@ impl EventSink for Recorder {
 }
 
 impl Recorder {
+    fn count_prefix(&self, prefix: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.starts_with(prefix))
+            .count()
+    }
+
     fn count(&self, event: &str) -> usize {
         self.0
             .lock()
@@ -168,6 +177,13 @@ impl Sim {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         start.elapsed()
+    }
+
+    fn datagram_exchanges(&self) -> u64 {
+        self.hosts
+            .iter()
+            .map(|h| h.node.counters().datagram_exchanges.load(Ordering::Relaxed))
+            .sum()
     }
 
     async fn stop_all(&self) {
@@ -456,6 +472,127 @@ fn lossy_delayed_duplicating_links_still_converge_without_false_failures() {
         }
         let (delivered, dropped) = sim.net.frame_counts();
         assert!(dropped > 0 && delivered > dropped * 5, "seed {seed}");
+        assert!(
+            sim.datagram_exchanges() > 0,
+            "seed {seed}: no datagram exchange"
+        );
+        sim.stop_all().await;
+    });
+}
+
+/// Connections opened, and exchanges completed over datagrams, in 20 steady rounds of a formed
+/// cluster of 10 with `max_datagram_bytes`.
+async fn steady_traffic(seed: u64, max_datagram_bytes: usize) -> (u64, u64) {
+    let settings = Settings {
+        max_datagram_bytes,
+        ..Settings::default()
+    };
+    let sim = Sim::with_settings(seed, 10, settings, |i| {
+        if i == 0 {
+            vec![]
+        } else {
+            vec![name(0)]
+        }
+    });
+    sim.start_all().await;
+    sim.wait(Duration::from_secs(10), "full membership", |sim| {
+        (0..10).all(|i| sim.live_peers(i).len() == 9)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (connections, datagram_exchanges) = (sim.net.connection_count(), sim.datagram_exchanges());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let traffic = (
+        sim.net.connection_count() - connections,
+        sim.datagram_exchanges() - datagram_exchanges,
+    );
+    sim.stop_all().await;
+    traffic
+}
+
+#[test]
+fn a_steady_clusters_exchanges_go_by_datagram_and_open_few_connections() {
+    each_seed(|seed| async move {
+        let (tcp_connections, none) = steady_traffic(seed, 0).await;
+        assert_eq!(none, 0, "seed {seed}: datagrams while off");
+        // Every node starts an exchange a round: 200 exchanges in 20 rounds, each a connection.
+        assert!(tcp_connections >= 200, "seed {seed}: {tcp_connections}");
+        let (connections, datagram_exchanges) = steady_traffic(seed, 1400).await;
+        assert!(
+            datagram_exchanges >= 180,
+            "seed {seed}: {datagram_exchanges} datagram exchanges"
+        );
+        assert!(
+            connections * 5 < tcp_connections,
+            "seed {seed}: {connections} connections with datagrams, {tcp_connections} without"
+        );
+    });
+}
+
+#[test]
+fn a_network_that_blocks_datagrams_still_forms_spreads_and_keeps_everyone_alive() {
+    each_seed(|seed| async move {
+        let sim = Sim::seeded_by_first(seed, 10);
+        sim.net.block_datagrams(true);
+        sim.start_all().await;
+        sim.wait(Duration::from_secs(10), "full membership", |sim| {
+            (0..10).all(|i| sim.live_peers(i).len() == 9)
+        })
+        .await;
+        let (_, dropped) = sim.net.frame_counts();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        // Only datagrams are lost: after a few unanswered ones, a node tries again a few rounds
+        // later, not every round.
+        let datagrams_tried = sim.net.frame_counts().1 - dropped;
+        assert!(
+            datagrams_tried <= 10 * 30 / 3,
+            "seed {seed}: {datagrams_tried} datagrams in 30 rounds of 10 nodes"
+        );
+        let exchanges: u64 = sim
+            .hosts
+            .iter()
+            .map(|h| h.node.counters().exchanges.load(Ordering::Relaxed))
+            .sum();
+        sim.hosts[3].node.set_local("k", value("v"), None).unwrap();
+        sim.wait(Duration::from_secs(5), "the write everywhere", |sim| {
+            (0..10).all(|i| i == 3 || sim.value(i, 3, "k") == Some(value("v")))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(sim.datagram_exchanges(), 0, "seed {seed}");
+        // Exchanges by connection go on every round: two counts (one per side) for each.
+        assert!(
+            exchanges >= 2 * 10 * 30,
+            "seed {seed}: {exchanges} exchanges"
+        );
+        for host in &sim.hosts {
+            assert_eq!(host.events.count_prefix("peer_failed"), 0, "seed {seed}");
+        }
+        sim.stop_all().await;
+    });
+}
+
+#[test]
+fn two_hosts_cut_from_each_other_stay_alive_and_hear_of_each_other_through_the_rest() {
+    each_seed(|seed| async move {
+        let sim = Sim::seeded_by_first(seed, 8);
+        sim.start_all().await;
+        sim.wait(Duration::from_secs(10), "full membership", |sim| {
+            (0..8).all(|i| sim.live_peers(i).len() == 7)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        sim.net.cut(ip(1), ip(2));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        sim.hosts[1].node.set_local("k", value("v"), None).unwrap();
+        sim.wait(Duration::from_secs(10), "the write across the cut", |sim| {
+            sim.value(2, 1, "k") == Some(value("v"))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        for host in &sim.hosts {
+            assert_eq!(host.events.count_prefix("peer_failed"), 0, "seed {seed}");
+        }
         sim.stop_all().await;
     });
 }
