@@ -143,10 +143,10 @@ impl<D: Datagram> Datagrams<D> {
 pub(crate) enum Outcome {
     /// It completed.
     Done,
-    /// Over a connection, from the compact digest (datagrams were not tried, or not answered).
+    /// Over a connection, from the compact digest: datagrams were not tried, not answered, or
+    /// answered NeedDigest (the peer's membership differs, or its SynAck would not fit in a
+    /// datagram; over a connection it tells which).
     Compact,
-    /// Over a connection, from the named digest: the peer's membership differs from ours.
-    Named,
 }
 
 /// Initiator side: sends the compact `message` (built on `membership`) to the live peer `name`
@@ -169,11 +169,11 @@ pub(crate) async fn exchange<T: Transport>(
         return Outcome::Compact;
     }
     let max_bytes = shared.settings.max_datagram_bytes;
-    // Every packed counter takes a byte at least: a digest this long cannot fit, unencoded.
+    // Every member takes a byte at least: a digest this long cannot fit, unencoded.
     if let Message::CompactSyn { versions, .. } | Message::CompactSynRange { versions, .. } =
         message
     {
-        if versions.len() > max_bytes {
+        if versions.len() / 2 > max_bytes {
             return Outcome::Compact;
         }
     }
@@ -213,7 +213,7 @@ pub(crate) async fn exchange<T: Transport>(
             requests,
             heartbeats,
         },
-        Message::NeedDigest => return Outcome::Named,
+        Message::NeedDigest => return Outcome::Compact,
         _ => unreachable!("only SynAck and NeedDigest are handed to the initiator"),
     };
     let answers = exchange::absorb(shared, |cluster| {

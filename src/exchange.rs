@@ -491,14 +491,13 @@ pub(crate) async fn exchange<T: Transport>(
     shared: &Shared<T>,
     target: Target,
     free: bool,
-    mut compact: Option<(Arc<Membership>, Message)>,
+    compact: Option<(Arc<Membership>, Message)>,
 ) {
     if let (Target::Peer(name), Some((membership, message))) = (&target, &compact) {
         if let Some(datagrams) = shared.datagrams() {
-            match datagram::exchange(shared, &datagrams, name, membership, message).await {
-                Outcome::Done => return,
-                Outcome::Named => compact = None,
-                Outcome::Compact => {}
+            let outcome = datagram::exchange(shared, &datagrams, name, membership, message).await;
+            if outcome == Outcome::Done {
+                return;
             }
         }
     }
