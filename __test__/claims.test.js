@@ -63,12 +63,23 @@ describe('forged claims about a live node', () => {
   })
 
   test("a forged write at the subject's next version does not cost it its own write", async () => {
-    const { generation, heartbeat, maxVersion } = held()
-    const version = maxVersion + 1
-    const forged = [subject.peer_name, generation, heartbeat, maxVersion, version, false,
-      [['mine', version, encodeValue('forged')]]]
-    await sendRaw(port, push([forged]))
-    await waitFor(() => victim.peerValue(subject.peer_name, 'mine') === 'forged', 5000, 'the forgery taken')
+    // Read from the victim's latest view, and sent again (at most three times) if that view
+    // moved on before the push arrived: seen once in about 40 runs on a loaded machine.
+    for (let attempt = 1; ; attempt++) {
+      const { generation, heartbeat, maxVersion } = held()
+      const version = maxVersion + 1
+      const forged = [subject.peer_name, generation, heartbeat, maxVersion, version, false,
+        [['mine', version, encodeValue('forged')]]]
+      await sendRaw(port, push([forged]))
+      try {
+        await waitFor(() => victim.peerValue(subject.peer_name, 'mine') === 'forged', 3000,
+          () => `the forgery taken; sent ${JSON.stringify(forged.slice(0, 6))}, held ` +
+            `${JSON.stringify(held())}, rejected ${JSON.stringify(victim.stats().rejected)}`)
+        break
+      } catch (error) {
+        if (attempt === 3) throw error
+      }
+    }
     subject.setLocalState('mine', 'true')
     await waitFor(() => nodes.every((g) => g === subject || g.peerValue(subject.peer_name, 'mine') === 'true'),
       5000, "the subject's own write everywhere")
