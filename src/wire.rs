@@ -335,16 +335,12 @@ impl Serialize for Packed {
     }
 }
 
-fn pack(values: impl ExactSizeIterator<Item = u64>) -> Packed {
-    let mut out = Vec::with_capacity(values.len() * 2);
-    for mut value in values {
-        while value >= 0x80 {
-            out.push(value as u8 | 0x80);
-            value >>= 7;
-        }
-        out.push(value as u8);
+fn push_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
     }
-    Packed(out)
+    out.push(value as u8);
 }
 
 /// Reads packed varints: at most `max_values` of them, none longer than 8 bytes (a zigzag
@@ -390,56 +386,24 @@ fn unzigzag(code: u64, previous: u64) -> Result<u64, Rejection> {
     Ok(value)
 }
 
-/// Packs pairs whose element `heartbeat_at` (0 or 1) is a heartbeat, sent as a difference from
-/// the previous pair's, and whose other element is sent as `other` returns it.
-fn pack_pairs(pairs: &[u64], heartbeat_at: usize, mut other: impl FnMut(u64) -> u64) -> Packed {
-    let mut heartbeat = 0;
-    pack(pairs.iter().enumerate().map(|(i, &value)| {
-        if i % 2 != heartbeat_at {
-            return other(value);
-        }
-        let code = zigzag(value, heartbeat);
-        heartbeat = value;
-        code
-    }))
-}
-
-/// Unpacks what [`pack_pairs`] packed, heartbeats restored and each other element as `other`
-/// restores it.
-fn unpack_pairs(
-    bytes: &[u8],
-    max_values: usize,
-    heartbeat_at: usize,
-    mut other: impl FnMut(u64) -> Result<u64, Rejection>,
-) -> Result<Vec<u64>, Rejection> {
-    let mut values = unpack(bytes, max_values)?;
-    let mut heartbeat = 0;
-    for (i, value) in values.iter_mut().enumerate() {
-        if i % 2 != heartbeat_at {
-            *value = other(*value)?;
-        } else {
-            heartbeat = unzigzag(*value, heartbeat)?;
-            *value = heartbeat;
-        }
-    }
-    Ok(values)
-}
-
 /// A compact digest's `heartbeat, max_version` pairs, a member each: its heartbeat's zigzag
 /// difference from the previous member's, doubled, plus 1 when a max version follows (one that
 /// is not 0). A member without keys, as most are in a membership-only cluster, costs a byte.
 fn pack_versions(versions: &[u64]) -> Packed {
+    let mut out = Vec::with_capacity(versions.len());
     let mut previous = 0;
-    let mut codes = Vec::with_capacity(versions.len());
     for pair in versions.chunks_exact(2) {
         let [heartbeat, max_version] = [pair[0], pair[1]];
-        codes.push(zigzag(heartbeat, previous) << 1 | u64::from(max_version != 0));
+        push_varint(
+            &mut out,
+            zigzag(heartbeat, previous) << 1 | u64::from(max_version != 0),
+        );
         if max_version != 0 {
-            codes.push(max_version);
+            push_varint(&mut out, max_version);
         }
         previous = heartbeat;
     }
-    pack(codes.into_iter())
+    Packed(out)
 }
 
 /// The inverse of [`pack_versions`]: at most `max_values` numbers, pairs restored. A max
@@ -464,36 +428,44 @@ fn unpack_versions(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejectio
     Ok(versions)
 }
 
-/// A SynAck's `index, heartbeat` pairs, sorted by index (a reply gathers them in several
-/// passes), each index sent as its rise from the previous one; of pairs naming one index, the
-/// highest heartbeat goes.
+/// A SynAck's `index, heartbeat` pairs, by rising index (a reply gathers them in several
+/// passes, so they are sorted here when they need to be; of pairs naming one index, the highest
+/// heartbeat goes): each index as its rise over the previous one (the first as itself), each
+/// heartbeat as its zigzag difference from the previous one.
 fn pack_heartbeats(pairs: &[u64]) -> Packed {
     let mut sorted: Vec<[u64; 2]> = pairs.chunks_exact(2).map(|p| [p[0], p[1]]).collect();
-    sorted.sort_unstable();
-    sorted.reverse();
-    sorted.dedup_by_key(|pair| pair[0]);
-    sorted.reverse();
-    let pairs = sorted.as_flattened();
-    let mut previous = 0;
-    pack_pairs(pairs, 1, |index| {
-        let rise = index.wrapping_sub(previous);
-        previous = index;
-        rise
-    })
+    if !sorted.is_sorted_by(|a, b| a[0] < b[0]) {
+        sorted.sort_unstable_by(|a, b| a[0].cmp(&b[0]).then(b[1].cmp(&a[1])));
+        sorted.dedup_by_key(|pair| pair[0]);
+    }
+    let mut out = Vec::with_capacity(pairs.len() * 2);
+    let (mut index, mut heartbeat) = (0, 0);
+    for [next_index, next_heartbeat] in sorted {
+        push_varint(&mut out, next_index - index);
+        push_varint(&mut out, zigzag(next_heartbeat, heartbeat));
+        (index, heartbeat) = (next_index, next_heartbeat);
+    }
+    Packed(out)
 }
 
 /// The inverse of [`pack_heartbeats`]; indices that do not rise are malformed.
 fn unpack_heartbeats(bytes: &[u8], max_values: usize) -> Result<Vec<u64>, Rejection> {
-    let mut index = 0u64;
-    let mut first = true;
-    unpack_pairs(bytes, max_values, 1, |rise| {
-        if !std::mem::take(&mut first) && rise == 0 {
-            return Err(Rejection::Malformed);
+    let mut values = unpack(bytes, max_values)?;
+    let (mut index, mut heartbeat) = (0u64, 0u64);
+    for (i, value) in values.iter_mut().enumerate() {
+        if i % 2 == 0 {
+            if i > 0 && *value == 0 {
+                return Err(Rejection::Malformed);
+            }
+            index = index.checked_add(*value).ok_or(Rejection::OutOfBounds)?;
+            check_counter(index)?;
+            *value = index;
+        } else {
+            heartbeat = unzigzag(*value, heartbeat)?;
+            *value = heartbeat;
         }
-        index = index.checked_add(rise).ok_or(Rejection::OutOfBounds)?;
-        check_counter(index)?;
-        Ok(index)
-    })
+    }
+    Ok(values)
 }
 
 pub fn encode(cluster: &str, from: &str, message: &Message) -> Bytes {
@@ -862,6 +834,12 @@ fn check_forward_to(forward_to: &[String], limits: &Limits) -> Result<(), Reject
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pack(values: impl Iterator<Item = u64>) -> Packed {
+        let mut out = Vec::new();
+        values.for_each(|value| push_varint(&mut out, value));
+        Packed(out)
+    }
 
     const GOLDEN: [&str; 8] = [
         "9402a163ad31302e302e302e313a3930303001919194ad31302e302e302e313a39303030010203",
