@@ -34,6 +34,7 @@ const options: GossiperOptions = {
   maxPeers: 5000,
   maxKeysPerPeer: 1000,
   maxBytesPerPeer: 1 << 20,
+  maxDatagramBytes: 1400,
 }
 const configured = new Gossiper(options)
 const frozenSeeds = ['127.0.0.1:9000'] as const
@@ -144,6 +145,7 @@ const traffic: number = stats.messagesSent + stats.messagesReceived + stats.byte
 const work: number = stats.exchanges + stats.pushesSent + stats.connectFailures + stats.connectionsRefused
 const dropped: number = stats.rejected.malformed + stats.rejected.wrongCluster + stats.rejected.oversized
 const refused: number = stats.rejected.tooManyPeers + stats.rejected.frameBudget + stats.rejected.inboundFull + stats.connectsSkipped
+const byDatagram: number = stats.datagramExchanges + stats.rejected.unsolicited
 // @ts-expect-error not a rejection reason
 console.log(stats.rejected.nonsense)
 const refusedByKeys: number = stats.plaintextAccepted + stats.rejected.plaintext + stats.rejected.unknownKey +
